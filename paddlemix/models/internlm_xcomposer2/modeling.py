@@ -1,0 +1,222 @@
+"""InternLM-XComposer2 for causal LM: CLIP ViT → projector → InternLM2 decoder (PLoRA).
+
+::
+
+    pixel_values [n,3,S,S] ──vit──> [n,P,Dv] ──vision_proj──> [n,P,H] ─┐
+                                                                      │ fill the im_mask rows, in order
+    input_ids / layout  [b,T] ──tok_embeddings──> [b,T,H] ────────────┴─> inputs_embeds [b,T,H]
+    im_mask             [b,T]  (1 on image rows: PLoRA applies there) ──> decoder ──> output ──> logits
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Optional, Union
+
+import paddle
+import paddle.nn as nn
+import paddle.nn.functional as F
+from paddlenlp.transformers import PretrainedModel
+from paddlenlp.transformers.model_outputs import CausalLMOutputWithPast
+
+from .configuration import InternLMXComposer2Config
+from .internlm2 import InternLM2Model
+from .kv_cache import KVCache
+from .plora import ImageRows, PLoRALinear
+from .vision import CLIPVisionTower, build_vision_projector
+
+__all__ = ["InternLMXComposer2PretrainedModel", "InternLMXComposer2ForCausalLM", "causal_lm_loss", "IGNORE_INDEX"]
+
+IGNORE_INDEX = -100  # label of positions that are not learned (as torch's CrossEntropyLoss default)
+
+
+def causal_lm_loss(logits: paddle.Tensor, labels: paddle.Tensor) -> paddle.Tensor:
+    """Mean cross-entropy of next-token prediction over the labelled positions only.
+
+    ``logits`` ``[b, T, V]``, ``labels`` ``[b, T]`` (``IGNORE_INDEX`` = not learned).
+    Normalised by the number of labelled tokens of the whole batch (Paddle's
+    ``reduction="mean"`` with ``ignore_index`` divides by all rows; PaddleMIX has that bug).
+    A batch without labelled tokens gives 0 (and no gradient) instead of NaN.
+    """
+    shift_logits = logits[:, :-1].astype("float32").reshape([-1, logits.shape[-1]])
+    shift_labels = labels[:, 1:].reshape([-1, 1]).astype("int64")
+    total = F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    count = (shift_labels != IGNORE_INDEX).astype("float32").sum()
+    return total / paddle.clip(count, min=1.0)
+
+
+class InternLMXComposer2PretrainedModel(PretrainedModel):
+    config_class = InternLMXComposer2Config
+    base_model_prefix = "model"
+
+    def _init_weights(self, layer: nn.Layer) -> None:
+        """Normal(0, initializer_range) for linears/embeddings; PLoRA A as a default Linear
+        (uniform ±1/sqrt(in)) and PLoRA B exactly zero, so a fresh PLoRA is a no-op."""
+        std = self.config.initializer_range
+        if isinstance(layer, PLoRALinear):
+            # ``apply`` visits children first, so this overrides the nn.Linear branch below.
+            layer.weight.set_value(paddle.normal(0.0, std, layer.weight.shape).astype(layer.weight.dtype))
+            bound = 1.0 / math.sqrt(layer.in_features)
+            a = layer.Plora_A.weight
+            a.set_value(paddle.uniform(a.shape, min=-bound, max=bound).astype(a.dtype))
+            layer.Plora_B.weight.set_value(paddle.zeros_like(layer.Plora_B.weight))
+        elif isinstance(layer, (nn.Linear, nn.Embedding)):
+            layer.weight.set_value(paddle.normal(0.0, std, layer.weight.shape).astype(layer.weight.dtype))
+            if getattr(layer, "bias", None) is not None:
+                layer.bias.set_value(paddle.zeros_like(layer.bias))
+
+
+class InternLMXComposer2ForCausalLM(InternLMXComposer2PretrainedModel):
+    """The official model's modules and parameter names: ``model.*``, ``output``, ``vit.*``,
+    ``vision_proj.*``. The ViT is frozen as in the official model (``fix_vit``)."""
+
+    def __init__(self, config: InternLMXComposer2Config) -> None:
+        super().__init__(config)
+        self.model = InternLM2Model(config)
+        self.output = nn.Linear(config.hidden_size, config.vocab_size, bias_attr=False)
+        vision = config.vision
+        self.vit = CLIPVisionTower(vision, config.image_grid)
+        self.vision_proj = build_vision_projector(vision.hidden_size, config.hidden_size, config.projector_depth)
+        for param in self.vit.parameters():
+            param.stop_gradient = True
+
+    # --- images ------------------------------------------------------------------------------
+    def encode_img(self, image: Any) -> paddle.Tensor:
+        """Image(s) → projected patch embeddings ``[n, P, H]``.
+
+        ``image``: a pixel tensor ``[n,3,S,S]`` / ``[3,S,S]``, or anything the image processor
+        accepts (path, URL, PIL image, bytes, or a list of them).
+        """
+        if not isinstance(image, paddle.Tensor):
+            from .image_processing import InternLMXComposer2ImageProcessor
+
+            processor = InternLMXComposer2ImageProcessor(img_size=self.config.img_size)
+            image = paddle.to_tensor(processor(image, return_tensors="np")["pixel_values"])
+        if image.ndim == 3:
+            image = image.unsqueeze(0)
+        expected = [3, self.config.img_size, self.config.img_size]
+        if list(image.shape[1:]) != expected:
+            raise ValueError(f"pixel_values must be [n, {', '.join(map(str, expected))}], got {list(image.shape)}")
+        return self.vision_proj(self.vit(image.astype(self.vision_proj[0].weight.dtype)))
+
+    def img2emb(self, image: paddle.Tensor):
+        """Official helper: ``(embeds [n,P,H], attention ones [n,P], targets -100 [n,P])``."""
+        embeds = self.encode_img(image)
+        ones = paddle.ones(embeds.shape[:2], dtype="int64")
+        return embeds, ones, ones * IGNORE_INDEX
+
+    def embed_interleaved(
+        self, input_ids: paddle.Tensor, im_mask: paddle.Tensor, pixel_values: Optional[paddle.Tensor] = None,
+        image_embeds: Optional[paddle.Tensor] = None,
+    ) -> paddle.Tensor:
+        """Token embeddings with the ``im_mask`` rows replaced, in row-major order, by the
+        patch embeddings of ``pixel_values`` (or precomputed ``image_embeds`` ``[n,P,H]``)."""
+        mask = im_mask.astype("bool")
+        safe_ids = paddle.where(mask, paddle.zeros_like(input_ids), input_ids)
+        embeds = self.model.embed(safe_ids)
+        if image_embeds is None:
+            image_embeds = self.encode_img(pixel_values)
+        feats = image_embeds.reshape([-1, embeds.shape[-1]]).astype(embeds.dtype)
+        rows = paddle.nonzero(mask.reshape([-1])).reshape([-1])
+        if rows.shape[0] != feats.shape[0]:
+            raise ValueError(
+                f"im_mask marks {rows.shape[0]} image rows but the images give {feats.shape[0]} "
+                f"({image_embeds.shape[0]} image(s) × {image_embeds.shape[1]} tokens)"
+            )
+        flat = paddle.scatter(embeds.reshape([-1, embeds.shape[-1]]), rows, feats, overwrite=True)
+        return flat.reshape(embeds.shape)
+
+    # --- forward -----------------------------------------------------------------------------
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.tok_embeddings
+
+    def forward(
+        self,
+        input_ids: Optional[paddle.Tensor] = None,
+        inputs_embeds: Optional[paddle.Tensor] = None,
+        attention_mask: Optional[paddle.Tensor] = None,
+        im_mask: Optional[paddle.Tensor] = None,
+        labels: Optional[paddle.Tensor] = None,
+        past_key_values: Optional[KVCache] = None,
+        use_cache: bool = False,
+        pixel_values: Optional[paddle.Tensor] = None,
+        position_ids: Optional[paddle.Tensor] = None,
+        output_hidden_states: bool = False,
+        return_dict: bool = True,
+        logits_to_keep: Optional[int] = None,
+    ) -> Union[CausalLMOutputWithPast, tuple]:
+        """As the official forward. ``im_mask`` counts only with ``inputs_embeds`` or
+        ``pixel_values`` (with plain ``input_ids`` every row is text, as officially).
+
+        Extensions: ``pixel_values`` fills the ``im_mask`` rows of ``input_ids`` with image
+        embeddings (training batches); ``past_key_values`` is a :class:`KVCache` (created
+        when ``use_cache`` and none is given); ``logits_to_keep=k`` computes logits for the
+        last ``k`` positions only (generation).
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is None:
+            if pixel_values is not None:
+                if im_mask is None:
+                    raise ValueError("pixel_values needs im_mask to mark the image rows")
+                inputs_embeds = self.embed_interleaved(input_ids, im_mask, pixel_values)
+            else:
+                inputs_embeds, im_mask = self.model.embed(input_ids), None
+        cache = past_key_values
+        if cache is None and use_cache:
+            b, t = inputs_embeds.shape[:2]
+            cfg = self.config
+            cache = KVCache(cfg.num_hidden_layers, b, cfg.num_key_value_heads, cfg.head_dim, t, inputs_embeds.dtype)
+        hidden, all_hidden = self.model(
+            inputs_embeds,
+            attention_mask=attention_mask,
+            image_rows=ImageRows.from_mask(im_mask),
+            cache=cache,
+            position_ids=position_ids,
+            output_hidden_states=output_hidden_states,
+        )
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.output(hidden).astype("float32")
+        loss = causal_lm_loss(logits, labels) if labels is not None else None
+        if not return_dict:
+            return tuple(v for v in (loss, logits, cache, all_hidden) if v is not None)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache, hidden_states=all_hidden)
+
+    # --- checkpoints -------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str,
+        *args: Any,
+        config: Optional[InternLMXComposer2Config] = None,
+        dtype: Optional[str] = None,
+        **kwargs: Any,
+    ) -> "InternLMXComposer2ForCausalLM":
+        """Load a checkpoint in any supported layout (official HF safetensors / ``.bin`` /
+        shards, PaddleMIX ``.pdparams``, or ours), strictly, tensor by tensor.
+
+        ``dtype``: ``"float32"`` (default), ``"bfloat16"`` or ``"float16"``; weights are
+        cast while loading. ``config`` replaces the directory's ``config.json``.
+        """
+        from . import checkpoint
+
+        directory = str(pretrained_model_name_or_path)
+        config = config if config is not None else checkpoint.load_config(directory)
+        dtype = dtype or "float32"
+        files = checkpoint.open_weight_files(directory)
+        layout = checkpoint.detect_layout(files)
+        model = checkpoint.build_model(cls, config, dtype, lazy=True)
+        checkpoint.load_weights(model, files, layout, dtype)
+        model.eval()
+        return model
+
+    def save_pretrained(self, save_dir: str, is_main_process: bool = True, **kwargs: Any) -> None:
+        """Write ``config.json`` and ``model.safetensors`` (Paddle layout, sharded when large)."""
+        from . import checkpoint
+
+        if not is_main_process:
+            return
+        os.makedirs(save_dir, exist_ok=True)
+        self.config.save_pretrained(save_dir)
+        checkpoint.save_weights(self, save_dir)

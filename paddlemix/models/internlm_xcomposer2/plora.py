@@ -1,0 +1,95 @@
+"""Partial-LoRA (PLoRA): a LoRA branch applied only to image-token rows.
+
+::
+
+    rows of x:   t t t [i i i ... i] t t t        (t = text token, i = image token)
+    y = x W      ───────────────────────          every row
+    y += B(A(dropout(x))) * alpha/r  [i ... i]    image rows only (``im_mask``)
+
+Why PLoRA can never be merged into ``W``: the branch applies to some rows and not to
+others, so no single matrix ``W'`` reproduces both. It stays a separate branch at
+inference; generated tokens are text and never take it.
+
+Which rows are image rows is decided **once per forward** (:class:`ImageRows`), not in
+every linear: the official code evaluates ``im_mask.sum() > 0`` in Python in each of the
+5 linears of every layer, a host–device synchronisation per call.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import paddle
+import paddle.nn as nn
+
+__all__ = ["ImageRows", "PLoRALinear"]
+
+
+@dataclass
+class ImageRows:
+    """Flat indices (into ``[batch * seq]``) of the rows that take the PLoRA branch."""
+
+    index: paddle.Tensor  # int64 [n_image_rows]
+
+    @classmethod
+    def from_mask(cls, im_mask: Optional[paddle.Tensor]) -> Optional["ImageRows"]:
+        """``im_mask`` ``[b, t]`` (bool/int) → indices, or ``None`` when no row is an image row."""
+        if im_mask is None:
+            return None
+        index = paddle.nonzero(im_mask.reshape([-1]).astype("bool")).reshape([-1])
+        if index.shape[0] == 0:
+            return None
+        return cls(index=index)
+
+
+class PLoRALinear(nn.Layer):
+    """``y = x W (+ b)``, plus ``B(A(dropout(x))) · lora_alpha/lora_r`` on image rows.
+
+    ``weight`` is stored ``[in, out]`` (Paddle layout). ``Plora_A``/``Plora_B`` are plain
+    bias-free linears, named as in the official checkpoint. ``Plora_B`` starts at zero,
+    so a freshly built layer equals the base linear.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        lora_r: int = 256,
+        lora_alpha: int = 256,
+        lora_dropout: float = 0.05,
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        bound = 1.0 / math.sqrt(in_features)
+        self.weight = self.create_parameter(
+            [in_features, out_features], default_initializer=nn.initializer.Uniform(-bound, bound)
+        )
+        self.bias = (
+            self.create_parameter([out_features], is_bias=True, default_initializer=nn.initializer.Uniform(-bound, bound))
+            if bias
+            else None
+        )
+        self.lora_scaling = lora_alpha / lora_r
+        self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.Plora_A = nn.Linear(in_features, lora_r, bias_attr=False)
+        self.Plora_B = nn.Linear(
+            lora_r, out_features, bias_attr=False, weight_attr=nn.initializer.Constant(0.0)
+        )
+
+    def forward(self, x: paddle.Tensor, image_rows: Optional[ImageRows] = None) -> paddle.Tensor:
+        y = paddle.matmul(x, self.weight)
+        if self.bias is not None:
+            y = y + self.bias
+        if image_rows is None:
+            return y
+        flat_x = x.reshape([-1, self.in_features])
+        part = paddle.gather(flat_x, image_rows.index)
+        lora = self.Plora_B(self.Plora_A(self.lora_dropout(part))) * self.lora_scaling
+        flat_y = paddle.index_add(y.reshape([-1, self.out_features]), image_rows.index, 0, lora.astype(y.dtype))
+        return flat_y.reshape(y.shape)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, lora_scaling={self.lora_scaling}"

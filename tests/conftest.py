@@ -1,0 +1,67 @@
+"""Shared test fixtures: locate ``../shared`` (the golden fixtures) next to the repository."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("IXC2_SHARED", REPO_ROOT.parent / "shared"))
+TINY = SHARED / "fixtures" / "ixc2-tiny"
+TINY_PADDLEMIX = SHARED / "fixtures" / "ixc2-tiny-paddlemix"
+
+
+@pytest.fixture(scope="session")
+def tiny_dir() -> Path:
+    if not TINY.is_dir():
+        pytest.fail(f"golden fixture not found at {TINY}; set IXC2_SHARED to the shared/ directory")
+    return TINY
+
+
+@pytest.fixture(scope="session")
+def golden(tiny_dir: Path) -> dict:
+    with np.load(tiny_dir / "golden.npz") as z:
+        return {k: z[k] for k in z.files}
+
+
+@pytest.fixture(scope="session")
+def golden_json(tiny_dir: Path) -> dict:
+    return json.loads((tiny_dir / "golden.json").read_text(encoding="utf-8"))
+
+
+def tiny_overrides() -> dict:
+    """The values the official code hard-codes (ViT config, PLoRA rank/alpha), for the tiny fixture."""
+    values = json.loads((TINY / "tiny_overrides.json").read_text(encoding="utf-8"))
+    return {k: values[k] for k in ("vision_config", "lora_r", "lora_alpha")}
+
+
+@pytest.fixture(scope="session")
+def tiny_config(tiny_dir: Path):
+    from paddlemix.models.internlm_xcomposer2.checkpoint import load_config
+
+    return load_config(str(tiny_dir), **tiny_overrides())
+
+
+@pytest.fixture()
+def tiny_model(tiny_dir: Path, tiny_config):
+    """A freshly loaded fixture model in eval mode (cheap: ~3 M parameters)."""
+    from paddlemix.models.internlm_xcomposer2 import InternLMXComposer2ForCausalLM
+
+    return InternLMXComposer2ForCausalLM.from_pretrained(str(tiny_dir), config=tiny_config)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_dir: Path) -> Path:
+    """The official fixture as a checkpoint directory whose config.json already holds the
+    tiny overrides (weights symlinked, not copied), for code paths that take only a path."""
+    out = tmp_path_factory.mktemp("ixc2-tiny-merged")
+    config = json.loads((tiny_dir / "config.json").read_text(encoding="utf-8"))
+    config.update(tiny_overrides())
+    (out / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    for name in ("model.safetensors", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                 "generation_config.json"):
+        (out / name).symlink_to(tiny_dir / name)
+    return out

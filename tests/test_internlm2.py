@@ -1,0 +1,98 @@
+"""Pure decoder functions: RoPE (dynamic NTK as a function of length), masks, grouped attention,
+and cached decoding = full recomputation."""
+from __future__ import annotations
+
+import numpy as np
+import paddle
+import pytest
+
+from paddlemix.models.internlm_xcomposer2 import InternLMXComposer2Config, InternLMXComposer2ForCausalLM
+from paddlemix.models.internlm_xcomposer2.internlm2 import (
+    apply_rotary,
+    causal_mask,
+    grouped_attention,
+    rope_base,
+    rope_inv_freq,
+    rotary_cos_sin,
+)
+from paddlemix.models.internlm_xcomposer2.kv_cache import KVCache
+
+
+def test_inv_freq_matches_official(tiny_config, golden):
+    inv = rope_inv_freq(tiny_config.head_dim, rope_base(tiny_config, 15)).numpy()
+    np.testing.assert_allclose(inv, golden["text_rope_inv_freq_after"], rtol=1e-6)
+
+
+def test_dynamic_ntk_base_is_a_pure_function_of_length():
+    cfg = InternLMXComposer2Config(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=100, rope_theta=10000.0,
+                                   rope_scaling={"type": "dynamic", "factor": 2.0})
+    assert rope_base(cfg, 100) == 10000.0
+    d = cfg.head_dim
+    assert rope_base(cfg, 150) == pytest.approx(10000.0 * (2.0 * 150 / 100 - 1.0) ** (d / (d - 2)))
+    assert rope_base(cfg, 50) == 10000.0  # no state carried over from the long call
+
+
+def test_apply_rotary_is_rotate_half():
+    x = paddle.randn([1, 3, 2, 4])
+    cos, sin = rotary_cos_sin(paddle.arange(3, dtype="float32"), rope_inv_freq(4, 10000.0))
+    out = apply_rotary(x, cos, sin).numpy()
+    xn, c, s = x.numpy(), cos.numpy()[None, :, None], sin.numpy()[None, :, None]
+    rotated = np.concatenate([-xn[..., 2:], xn[..., :2]], -1)
+    np.testing.assert_allclose(out, xn * c + rotated * s, atol=1e-6)
+    np.testing.assert_allclose(out[:, 0], xn[:, 0], atol=1e-6)  # position 0 is unrotated
+
+
+def test_causal_mask_with_padding():
+    assert causal_mask(1, 5, None) is None
+    mask = causal_mask(3, 0, paddle.to_tensor([[0, 1, 1]])).numpy()[0, 0]
+    allowed = mask == 0
+    np.testing.assert_array_equal(allowed, [[False, False, False], [False, True, False], [False, True, True]])
+
+
+def test_grouped_attention_equals_repeated_kv():
+    paddle.seed(0)
+    q = paddle.randn([2, 3, 4, 8])
+    k, v = paddle.randn([2, 2, 5, 8]), paddle.randn([2, 2, 5, 8])
+    out = grouped_attention(q, k, v, None).numpy()
+    qn = q.numpy().transpose(0, 2, 1, 3)
+    kr, vr = np.repeat(k.numpy(), 2, axis=1), np.repeat(v.numpy(), 2, axis=1)  # head h uses kv h // 2
+    s = qn @ kr.transpose(0, 1, 3, 2) / np.sqrt(8)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    np.testing.assert_allclose(out, (p @ vr).transpose(0, 2, 1, 3), atol=1e-5)
+
+
+def test_kv_cache_grows_and_keeps_contents():
+    cache = KVCache(1, 1, 2, 4, capacity=2)
+    k = paddle.randn([1, 2, 2, 4])
+    cache.reserve(2)
+    cache.update(0, k, k)
+    cache.commit(2)
+    cache.reserve(3)
+    assert cache.capacity >= 5
+    np.testing.assert_array_equal(cache.keys[0][:, :, :2].numpy(), k.numpy())
+
+
+@pytest.mark.parametrize("use_image", [False, True])
+def test_cached_decoding_equals_full_recomputation(tiny_model, golden, use_image):
+    """Prefill then one token at a time through the cache == one full forward, every step."""
+    if use_image:
+        embeds = paddle.to_tensor(golden["chat_inputs_embeds"])[None]
+        im_mask = paddle.to_tensor(golden["chat_im_mask"])[None]
+    else:
+        ids = paddle.to_tensor(golden["text_input_ids"])[None]
+        embeds, im_mask = tiny_model.model.embed(ids), None
+    new_ids = [int(i) for i in golden["gen_output_ids"][1:6]]
+    with paddle.no_grad():
+        out = tiny_model(inputs_embeds=embeds, im_mask=im_mask, use_cache=True)
+        cache, steps = out.past_key_values, [out.logits[0, -1].numpy()]
+        for tok in new_ids:
+            out = tiny_model(input_ids=paddle.to_tensor([[tok]]), past_key_values=cache)
+            steps.append(out.logits[0, -1].numpy())
+        full_embeds = paddle.concat([embeds, tiny_model.model.embed(paddle.to_tensor([new_ids]))], axis=1)
+        full_mask = None if im_mask is None else paddle.concat([im_mask, paddle.zeros([1, len(new_ids)], dtype="bool")], 1)
+        full = tiny_model(inputs_embeds=full_embeds, im_mask=full_mask).logits[0].numpy()
+    start = embeds.shape[1] - 1
+    for i, step in enumerate(steps):
+        np.testing.assert_allclose(step, full[start + i], atol=1e-4, rtol=0)
