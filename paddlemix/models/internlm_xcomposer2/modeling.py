@@ -19,6 +19,7 @@ import paddle.nn.functional as F
 from paddlenlp.transformers import PretrainedModel
 from paddlenlp.transformers.model_outputs import CausalLMOutputWithPast
 
+from .chat import ChatMixin
 from .configuration import InternLMXComposer2Config
 from .internlm2 import InternLM2Model
 from .kv_cache import KVCache
@@ -66,7 +67,7 @@ class InternLMXComposer2PretrainedModel(PretrainedModel):
                 layer.bias.set_value(paddle.zeros_like(layer.bias))
 
 
-class InternLMXComposer2ForCausalLM(InternLMXComposer2PretrainedModel):
+class InternLMXComposer2ForCausalLM(ChatMixin, InternLMXComposer2PretrainedModel):
     """The official model's modules and parameter names: ``model.*``, ``output``, ``vit.*``,
     ``vision_proj.*``. The ViT is frozen as in the official model (``fix_vit``)."""
 

@@ -1,0 +1,247 @@
+"""``chat``, ``stream_chat`` and ``batch_chat`` with the official names, defaults and prompts.
+
+All three consume :func:`~.generation.generate_tokens`: image and text-only prompts
+alike run a prefill and then one cached step per token (the official text-only path
+recomputes the whole sequence at every step).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any, Iterator, List, Optional, Sequence, Tuple
+
+import paddle
+
+from .generation import GenerationSettings, generate_tokens, seen_matrix
+from .processor import DEFAULT_META_INSTRUCTION, Layout, InternLMXComposer2Processor
+from .tokenizer import IM_END_TOKEN
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ChatMixin"]
+
+History = List[Tuple[str, str]]
+REPLACEMENT_CHAR = "\ufffd"  # what decoding shows for an incomplete multi-byte character
+
+
+def _as_image_list(image: Any) -> List[Any]:
+    if image is None:
+        return []
+    if isinstance(image, paddle.Tensor):
+        return [image.unsqueeze(0) if image.ndim == 3 else image]
+    return list(image) if isinstance(image, (list, tuple)) else [image]
+
+
+def _check_history(history: Any) -> History:
+    if history is None:
+        return []
+    if not isinstance(history, (list, tuple)) or not all(
+        isinstance(turn, (list, tuple)) and len(turn) == 2 and all(isinstance(s, str) for s in turn) for turn in history
+    ):
+        raise ValueError("history must be a list of (user, assistant) string pairs, as returned by chat()")
+    return [tuple(turn) for turn in history]
+
+
+@contextlib.contextmanager
+def _seeded(seed: Optional[int]):
+    """Seed Paddle's generator for one generation and restore its state afterwards."""
+    if seed is None:
+        yield
+        return
+    state = paddle.get_rng_state()
+    paddle.seed(seed)
+    try:
+        yield
+    finally:
+        paddle.set_rng_state(state)
+
+
+class ChatMixin:
+    """Chat methods of :class:`InternLMXComposer2ForCausalLM`."""
+
+    def _settings(self, tokenizer, **kwargs: Any) -> GenerationSettings:
+        settings = GenerationSettings(eos_token_ids=(tokenizer.eos_token_id, tokenizer.im_end_id),
+                                      pad_token_id=tokenizer.pad_token_id, **kwargs)
+        settings.validate()
+        return settings
+
+    def _chat_inputs(self, tokenizer, query: str, images: List[Any], history: History,
+                     meta_instruction: str) -> Tuple[Layout, paddle.Tensor, Optional[paddle.Tensor]]:
+        """Layout, ``inputs_embeds [1, T, H]`` and ``im_mask`` of one chat prompt."""
+        if not isinstance(query, str) or not query.strip():
+            raise ValueError("query is empty; ask something")
+        processor = InternLMXComposer2Processor.from_config(tokenizer, self.config)
+        layout = processor.chat_layout(query, history, len(images), meta_instruction)
+        if len(layout) > self.config.max_length:
+            raise ValueError(
+                f"the prompt is {len(layout)} tokens, more than max_length {self.config.max_length}; "
+                "shorten the query or start a new conversation (fewer history turns)"
+            )
+        ids = paddle.to_tensor([layout.ids], dtype="int64")
+        if not images:
+            return layout, self.model.embed(ids), None
+        im_mask = paddle.to_tensor([layout.im_mask], dtype="bool")
+        with paddle.no_grad():
+            embeds = self.embed_interleaved(ids, im_mask, image_embeds=self._image_embeds(processor, images))
+        return layout, embeds, im_mask
+
+    def _image_embeds(self, processor: InternLMXComposer2Processor, images: List[Any]) -> paddle.Tensor:
+        """``[n, P, H]`` from sources (paths, URLs, PIL, bytes), pixel tensors ``[n,3,S,S]``
+        or already encoded embeddings ``[n, P, H]`` (what the official ``encode_img`` returns)."""
+        tensors = [img for img in images if isinstance(img, paddle.Tensor)]
+        if not tensors:
+            return self.encode_img(paddle.to_tensor(processor.pixel_values(images)))
+        if len(tensors) != len(images):
+            raise ValueError("pass images either all as tensors or all as files/URLs/PIL images, not mixed")
+        stacked = paddle.concat(tensors)
+        return stacked if stacked.ndim == 3 else self.encode_img(stacked)
+
+    def interleav_wrap_chat(self, tokenizer, query: str, image: Any, history: Optional[History] = None,
+                            meta_instruction: str = DEFAULT_META_INSTRUCTION):
+        """Official name: ``({"inputs_embeds": [1, T, H]}, im_mask [1, T])`` of a chat prompt."""
+        _, embeds, im_mask = self._chat_inputs(tokenizer, query, _as_image_list(image), _check_history(history),
+                                               meta_instruction)
+        if im_mask is None:
+            im_mask = paddle.zeros(embeds.shape[:2], dtype="bool")
+        return {"inputs_embeds": embeds}, im_mask
+
+    def _official_prefix(self, tokenizer, layout: Layout) -> List[int]:
+        """What the official ``generate`` outputs before the new tokens: the prompt ids on the
+        text path; a lone BOS on the image (inputs_embeds) path. The repetition penalty
+        sees exactly these ids."""
+        return list(layout.ids) if layout.num_images == 0 else [tokenizer.bos_token_id]
+
+    def generate_ids(self, tokenizer, query: str, image: Any = None, history: Optional[History] = None,
+                     meta_instruction: str = DEFAULT_META_INSTRUCTION, output_scores: bool = False,
+                     **settings: Any) -> Tuple[List[int], List[paddle.Tensor]]:
+        """Ids as the official ``generate`` returns them for ``chat`` (prefix + new tokens),
+        and the processed scores of every step if ``output_scores``."""
+        ids, scores = [], []
+        gen = self._generate_one(tokenizer, query, image, history, meta_instruction, output_scores, settings)
+        prefix = next(gen)
+        for token, step_scores in gen:
+            ids.append(token)
+            if output_scores:
+                scores.append(step_scores)
+        return prefix + ids, scores
+
+    def _generate_one(self, tokenizer, query, image, history, meta_instruction, output_scores, settings):
+        """First yields the official prefix ids, then ``(token id, scores)`` per step."""
+        settings = self._settings(tokenizer, **settings)
+        history = _check_history(history)
+        layout, embeds, im_mask = self._chat_inputs(tokenizer, query, _as_image_list(image), history, meta_instruction)
+        prefix = self._official_prefix(tokenizer, layout)
+        yield prefix
+        seen = seen_matrix([prefix], self.config.vocab_size)
+        with _seeded(settings.seed):
+            for token, scores in generate_tokens(self, embeds, settings, seen, im_mask=im_mask,
+                                                 output_scores=output_scores):
+                yield int(token[0]), (scores[0] if scores is not None else None)
+
+    @staticmethod
+    def _response(tokenizer, new_ids: Sequence[int]) -> str:
+        text = tokenizer.decode(list(new_ids), skip_special_tokens=True)
+        return text.split(IM_END_TOKEN)[0]
+
+    def chat(self, tokenizer, query: str, image: Any = None, history: Optional[History] = None, streamer: Any = None,
+             max_new_tokens: int = 1024, do_sample: bool = True, temperature: float = 1.0, top_p: float = 0.8,
+             top_k: Optional[int] = None, repetition_penalty: float = 1.005,
+             meta_instruction: str = DEFAULT_META_INSTRUCTION, seed: Optional[int] = None,
+             **kwargs: Any) -> Tuple[str, History]:
+        """Answer ``query`` about ``image`` (None, one, or a list: paths, URLs, PIL images,
+        bytes, or pixel tensors) → ``(response, history + [(query, response)])``.
+
+        ``streamer``: an object with ``put(ids)`` / ``end()`` (transformers/PaddleNLP
+        ``TextStreamer`` protocol) that receives every new token.
+        """
+        if kwargs:
+            raise TypeError(f"chat() got unexpected arguments: {sorted(kwargs)}")
+        settings = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p,
+                        top_k=top_k, repetition_penalty=repetition_penalty, seed=seed)
+        gen = self._generate_one(tokenizer, query, image, history, meta_instruction, False, settings)
+        next(gen)
+        new_ids = []
+        for token, _ in gen:
+            new_ids.append(token)
+            if streamer is not None:
+                streamer.put(paddle.to_tensor([token]))
+        if streamer is not None:
+            streamer.end()
+        response = self._response(tokenizer, new_ids)
+        return response, _check_history(history) + [(query, response)]
+
+    def stream_chat(self, tokenizer, query: str, image: Any = None, history: Optional[History] = None,
+                    max_new_tokens: int = 1024, do_sample: bool = True, temperature: float = 1.0,
+                    top_p: float = 0.8, top_k: Optional[int] = None, repetition_penalty: float = 1.005,
+                    meta_instruction: str = DEFAULT_META_INSTRUCTION,
+                    seed: Optional[int] = None) -> Iterator[Tuple[str, History]]:
+        """Yield ``(response so far, history)`` whenever the response grows by whole
+        characters (never half a multi-byte character); the last item is the final answer
+        with the final history, equal to what :meth:`chat` returns."""
+        settings = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p,
+                        top_k=top_k, repetition_penalty=repetition_penalty, seed=seed)
+        history = _check_history(history)
+        gen = self._generate_one(tokenizer, query, image, history, meta_instruction, False, settings)
+        next(gen)
+        new_ids: List[int] = []
+        shown = ""
+        for token, _ in gen:
+            new_ids.append(token)
+            text = tokenizer.decode(new_ids, skip_special_tokens=True)
+            if text.endswith(REPLACEMENT_CHAR):
+                continue  # an incomplete UTF-8 sequence: wait for its other bytes
+            text = text.split(IM_END_TOKEN)[0]
+            if text != shown:
+                shown = text
+                yield shown, history + [(query, shown)]
+        final = self._response(tokenizer, new_ids)
+        if final != shown or not new_ids or not shown:
+            yield final, history + [(query, final)]
+
+    def batch_chat(self, tokenizer, queries: Sequence[str], images: Optional[Sequence[Any]] = None,
+                   histories: Optional[Sequence[Optional[History]]] = None, max_new_tokens: int = 1024,
+                   do_sample: bool = True, temperature: float = 1.0, top_p: float = 0.8, top_k: Optional[int] = None,
+                   repetition_penalty: float = 1.005, meta_instruction: str = DEFAULT_META_INSTRUCTION,
+                   seed: Optional[int] = None) -> List[Tuple[str, History]]:
+        """Several independent chats in one batched generation: prompts left-padded, a
+        per-row attention mask and positions, each row stopping at its own EOS. Greedy
+        results equal calling :meth:`chat` on each prompt alone."""
+        n = len(queries)
+        images = list(images) if images is not None else [None] * n
+        histories = [_check_history(h) for h in (histories or [None] * n)]
+        if not (len(images) == len(histories) == n):
+            raise ValueError(f"{n} queries but {len(images)} image entries and {len(histories)} histories")
+        settings = self._settings(tokenizer, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                  temperature=temperature, top_p=top_p, top_k=top_k,
+                                  repetition_penalty=repetition_penalty, seed=seed)
+        rows = [self._chat_inputs(tokenizer, q, _as_image_list(img), h, meta_instruction)
+                for q, img, h in zip(queries, images, histories)]
+        embeds, im_mask, attention_mask = self._left_pad(tokenizer, rows)
+        seen = seen_matrix([self._official_prefix(tokenizer, layout) for layout, _, _ in rows], self.config.vocab_size)
+        new_ids: List[List[int]] = [[] for _ in range(n)]
+        done = [False] * n
+        eos = set(settings.eos_token_ids)
+        with _seeded(settings.seed):
+            for tokens, _ in generate_tokens(self, embeds, settings, seen, im_mask=im_mask,
+                                             attention_mask=attention_mask):
+                for i, token in enumerate(tokens.numpy().tolist()):
+                    if not done[i]:
+                        new_ids[i].append(token)
+                        done[i] = token in eos
+        responses = [self._response(tokenizer, ids) for ids in new_ids]
+        return [(r, h + [(q, r)]) for r, h, q in zip(responses, histories, queries)]
+
+    def _left_pad(self, tokenizer, rows) -> Tuple[paddle.Tensor, Optional[paddle.Tensor], paddle.Tensor]:
+        """Stack per-prompt embeddings ``[1, T_i, H]`` into ``[n, T, H]``, padding on the left."""
+        longest = max(embeds.shape[1] for _, embeds, _ in rows)
+        pad_embed = self.model.embed(paddle.to_tensor([[tokenizer.pad_token_id]], dtype="int64"))
+        all_embeds, masks, attn = [], [], []
+        for layout, embeds, im_mask in rows:
+            missing = longest - embeds.shape[1]
+            all_embeds.append(paddle.concat([pad_embed.expand([1, missing, embeds.shape[2]]), embeds], 1))
+            row_mask = im_mask if im_mask is not None else paddle.zeros([1, embeds.shape[1]], dtype="bool")
+            masks.append(paddle.concat([paddle.zeros([1, missing], dtype="bool"), row_mask], 1))
+            attn.append([0] * missing + [1] * embeds.shape[1])
+        any_image = any(im_mask is not None for _, _, im_mask in rows)
+        return (paddle.concat(all_embeds), paddle.concat(masks) if any_image else None,
+                paddle.to_tensor(attn, dtype="int64"))

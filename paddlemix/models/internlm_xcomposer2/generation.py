@@ -1,0 +1,165 @@
+"""Token generation: one loop (a generator) over an explicit KV cache, used by every chat path.
+
+Score processing follows the official ``generate`` (transformers 4.33): the repetition
+penalty first (a logits *processor*, applied in greedy mode too), then — only when
+sampling — temperature, top-k and top-p (logits *warpers*), then argmax or a draw.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Optional, Sequence, Tuple
+
+import numpy as np
+import paddle
+import paddle.nn.functional as F
+
+from .kv_cache import KVCache
+
+__all__ = [
+    "GenerationSettings",
+    "HF_DEFAULT_TOP_K",
+    "apply_repetition_penalty",
+    "apply_top_k",
+    "apply_top_p",
+    "process_scores",
+    "generate_tokens",
+]
+
+# transformers' GenerationConfig default: the official chat never sets top_k, so sampling
+# there always keeps only the 50 best tokens before top-p. ``top_k=None`` means the same here.
+HF_DEFAULT_TOP_K = 50
+
+
+@dataclass
+class GenerationSettings:
+    max_new_tokens: int = 1024
+    do_sample: bool = True
+    temperature: float = 1.0
+    top_p: float = 0.8
+    top_k: Optional[int] = None
+    repetition_penalty: float = 1.005
+    eos_token_ids: Tuple[int, ...] = ()
+    pad_token_id: int = 0
+    seed: Optional[int] = None
+
+    def validate(self) -> None:
+        """Reject values the official code would silently misuse, naming the argument."""
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if self.do_sample and not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 0):
+            raise ValueError(f"top_k must be a non-negative integer (0 disables it) or None, got {self.top_k!r}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
+
+    @property
+    def effective_top_k(self) -> int:
+        return HF_DEFAULT_TOP_K if self.top_k is None else self.top_k
+
+
+def apply_repetition_penalty(scores: paddle.Tensor, seen: paddle.Tensor, penalty: float) -> paddle.Tensor:
+    """Official semantics: for every id already present, divide a positive score by
+    ``penalty`` and multiply a negative one. ``scores`` ``[b, V]``, ``seen`` ``[b, V]`` (nonzero =
+    present; uint8 because Paddle's CPU scatter has no bool kernel)."""
+    if penalty == 1.0:
+        return scores
+    penalised = paddle.where(scores < 0, scores * penalty, scores / penalty)
+    return paddle.where(seen.astype("bool"), penalised, scores)
+
+
+def apply_top_k(scores: paddle.Tensor, k: int) -> paddle.Tensor:
+    """Keep the ``k`` best scores per row (ties with the k-th kept), others → -inf."""
+    if k <= 0 or k >= scores.shape[-1]:
+        return scores
+    kth = paddle.topk(scores, k, axis=-1)[0][:, -1:]
+    return paddle.where(scores < kth, paddle.full_like(scores, float("-inf")), scores)
+
+
+def apply_top_p(scores: paddle.Tensor, top_p: float) -> paddle.Tensor:
+    """Nucleus filtering as transformers' ``TopPLogitsWarper``: sort ascending, drop the
+    tokens whose cumulative probability is ≤ 1 - top_p, always keep the best one."""
+    if top_p >= 1.0:
+        return scores
+    sorted_scores = paddle.sort(scores, axis=-1)
+    order = paddle.argsort(scores, axis=-1)
+    cumulative = paddle.cumsum(F.softmax(sorted_scores, axis=-1), axis=-1)
+    remove_sorted = (cumulative <= (1 - top_p)).astype("uint8")
+    remove_sorted[:, -1] = 0
+    remove = paddle.put_along_axis(paddle.zeros_like(remove_sorted), order, remove_sorted, axis=-1)
+    return paddle.where(remove.astype("bool"), paddle.full_like(scores, float("-inf")), scores)
+
+
+def process_scores(logits: paddle.Tensor, seen: paddle.Tensor, settings: GenerationSettings) -> paddle.Tensor:
+    """Logits ``[b, V]`` of the last position → the scores a token is chosen from."""
+    scores = apply_repetition_penalty(logits.astype("float32"), seen, settings.repetition_penalty)
+    if not settings.do_sample:
+        return scores
+    if settings.temperature != 1.0:
+        scores = scores / settings.temperature
+    scores = apply_top_k(scores, settings.effective_top_k)
+    return apply_top_p(scores, settings.top_p)
+
+
+def _choose(scores: paddle.Tensor, settings: GenerationSettings) -> paddle.Tensor:
+    if not settings.do_sample:
+        return paddle.argmax(scores, axis=-1)
+    return paddle.multinomial(F.softmax(scores, axis=-1), num_samples=1).squeeze(-1)
+
+
+def generate_tokens(
+    model,
+    inputs_embeds: paddle.Tensor,
+    settings: GenerationSettings,
+    seen: paddle.Tensor,
+    im_mask: Optional[paddle.Tensor] = None,
+    attention_mask: Optional[paddle.Tensor] = None,
+    output_scores: bool = False,
+) -> Iterator[Tuple[paddle.Tensor, Optional[paddle.Tensor]]]:
+    """Yield the next token ids ``[b]`` (and their processed scores ``[b, V]`` if asked),
+    one step at a time, until every row produced an EOS or ``max_new_tokens`` is reached.
+
+    ``seen`` ``[b, V]`` uint8: the ids the repetition penalty starts from. ``attention_mask``
+    ``[b, T]`` marks left padding (rows of different lengths); finished rows keep
+    receiving ``pad_token_id``. The prompt runs through the model once (prefill); every
+    later step feeds one token per row through the cache. Generated tokens are text: no
+    ``im_mask``, so no PLoRA.
+    """
+    settings.validate()
+    b, t = inputs_embeds.shape[:2]
+    cfg = model.config
+    cache = KVCache(cfg.num_hidden_layers, b, cfg.num_key_value_heads, cfg.head_dim, t + settings.max_new_tokens,
+                    inputs_embeds.dtype)
+    positions = None
+    if attention_mask is not None:  # left padding: positions count real tokens only
+        positions = paddle.clip(paddle.cumsum(attention_mask.astype("int64"), axis=-1) - 1, min=0)
+    eos = paddle.to_tensor(list(settings.eos_token_ids) or [-1], dtype="int64")
+    finished = paddle.zeros([b], dtype="bool")
+    pad = paddle.full([b], settings.pad_token_id, dtype="int64")
+    seen = seen.clone()
+    with paddle.no_grad():
+        logits = model(inputs_embeds=inputs_embeds, im_mask=im_mask, attention_mask=attention_mask,
+                       position_ids=positions, past_key_values=cache, logits_to_keep=1).logits[:, -1]
+        for _ in range(settings.max_new_tokens):
+            scores = process_scores(logits, seen, settings)
+            token = paddle.where(finished, pad, _choose(scores, settings))
+            yield token, (scores if output_scores else None)
+            seen = paddle.put_along_axis(seen, token.unsqueeze(-1), paddle.ones([b, 1], dtype="uint8"), axis=-1)
+            finished = paddle.logical_or(finished, paddle.isin(token, eos))
+            if bool(finished.all()):
+                return
+            if attention_mask is not None:
+                attention_mask = paddle.concat([attention_mask, paddle.ones([b, 1], dtype=attention_mask.dtype)], 1)
+                positions = positions[:, -1:] + 1
+            logits = model(input_ids=token.unsqueeze(-1), attention_mask=attention_mask, position_ids=positions,
+                           past_key_values=cache, logits_to_keep=1).logits[:, -1]
+
+
+def seen_matrix(rows: Sequence[Sequence[int]], vocab_size: int) -> paddle.Tensor:
+    """uint8 ``[b, V]``, 1 at the ids of each row (the repetition penalty's memory)."""
+    seen = np.zeros([len(rows), vocab_size], dtype=np.uint8)
+    for i, ids in enumerate(rows):
+        seen[i, [int(x) for x in ids]] = 1
+    return paddle.to_tensor(seen)
