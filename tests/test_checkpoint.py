@@ -116,15 +116,30 @@ def _cfg(tiny_dir):
     return load_config(str(tiny_dir), **tiny_overrides())
 
 
-def test_sharded_checkpoint_round_trip(tiny_model, tmp_path):
-    from paddlemix.models.internlm_xcomposer2.checkpoint import save_weights
-
-    tiny_model.config.save_pretrained(str(tmp_path))
-    files = save_weights(tiny_model, str(tmp_path), max_shard_bytes=2_000_000)
-    assert len(files) > 2 and (tmp_path / "model.safetensors.index.json").is_file()
+@pytest.mark.parametrize("safe", [False, True])
+def test_sharded_checkpoint_round_trip(tiny_model, tmp_path, safe):
+    tiny_model.save_pretrained(str(tmp_path), max_shard_size="2MB", safe_serialization=safe)
+    assert len([f for f in os.listdir(tmp_path) if f.startswith("model")]) > 3  # shards + index
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".saving")]
     reloaded = InternLMXComposer2ForCausalLM.from_pretrained(str(tmp_path))
     a, b = _params(tiny_model), _params(reloaded)
     assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_resave_in_another_format_leaves_no_stale_weights(tiny_model, tmp_path):
+    tiny_model.save_pretrained(str(tmp_path), safe_serialization=True)
+    tiny_model.save_pretrained(str(tmp_path))
+    assert sorted(f for f in os.listdir(tmp_path) if f.startswith("model")) == ["model_state.pdparams"]
+
+
+def test_bfloat16_save_and_reload(tiny_dir, tiny_config, tmp_path):
+    model = InternLMXComposer2ForCausalLM.from_pretrained(str(tiny_dir), config=tiny_config, dtype="bfloat16")
+    model.save_pretrained(str(tmp_path), safe_serialization=True)
+    again = InternLMXComposer2ForCausalLM.from_pretrained(str(tmp_path), dtype="bfloat16")
+    for name, tensor in again.state_dict().items():
+        ref = model.state_dict()[name]
+        assert tensor.dtype == ref.dtype == paddle.bfloat16
+        np.testing.assert_array_equal(tensor.astype("float32").numpy(), ref.astype("float32").numpy())
 
 
 # --- bad checkpoints ----------------------------------------------------------------------------

@@ -103,7 +103,7 @@ def test_text_only_training_loss(tiny_model, golden):
 
 def test_save_and_reload_identical(tiny_model, golden, tmp_path):
     tiny_model.save_pretrained(str(tmp_path))
-    assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "config.json").is_file()
+    assert (tmp_path / "model_state.pdparams").is_file() and (tmp_path / "config.json").is_file()
     reloaded = InternLMXComposer2ForCausalLM.from_pretrained(str(tmp_path))
     original = tiny_model.state_dict()
     for name, tensor in reloaded.state_dict().items():
@@ -136,3 +136,23 @@ def test_random_init_from_config(tiny_config):
     ids = paddle.to_tensor([[1, 2, 3, 4]])
     with paddle.no_grad():
         assert model(input_ids=ids).logits.shape == [1, 4, tiny_config.vocab_size]
+
+
+def test_training_mode_loss_uses_only_labelled_rows(tiny_model, golden):
+    """Train mode computes logits only where labels are: same loss and gradients as the golden
+    (eval-mode, full-logits) run, with dropout switched off to compare."""
+    tiny_model.train()
+    for layer in tiny_model.sublayers():
+        if isinstance(layer, paddle.nn.Dropout):
+            layer.p = 0.0
+    out = tiny_model(
+        inputs_embeds=paddle.to_tensor(golden["train_inputs_embeds"])[None],
+        im_mask=paddle.to_tensor(golden["train_im_mask"])[None],
+        labels=paddle.to_tensor(golden["train_labels"])[None],
+    )
+    assert out.logits is None
+    np.testing.assert_allclose(float(out.loss), float(golden["train_loss"]), atol=ATOL, rtol=0)
+    out.loss.backward()
+    params = dict(tiny_model.named_parameters())
+    for key in [k for k in golden if k.startswith("grad__")]:
+        np.testing.assert_allclose(params[key[6:]].grad.numpy().T, golden[key], atol=ATOL, rtol=0, err_msg=key)

@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Dict, List, Optional, Sequence, Tuple
+import shutil
+import tempfile
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import ml_dtypes
 import numpy as np
@@ -33,7 +35,7 @@ __all__ = [
     "load_config",
     "build_model",
     "load_weights",
-    "save_weights",
+    "save_atomically",
 ]
 
 CONFIG_NAME = "config.json"
@@ -41,11 +43,10 @@ SAFE_WEIGHTS_NAME = "model.safetensors"
 _INDEX_SUFFIX = ".index.json"
 # Looked for in this order; an index (sharded checkpoint) wins over a single file.
 WEIGHT_FILE_NAMES = (SAFE_WEIGHTS_NAME, "model_state.pdparams", "pytorch_model.bin")
-# safetensors metadata written by save_weights; HF writes {"format": "pt"}.
-PADDLE_FORMAT = {"format": "paddle", "layout": "internlm_xcomposer2"}
+# safetensors "format" metadata of Paddle-layout files (PaddleNLP writes "np"); HF writes "pt".
+PADDLE_FORMATS = ("np", "pd", "paddle")
 DTYPES = ("float32", "bfloat16", "float16")
 POSITION_TABLE = VIT + "embeddings.position_embedding.weight"
-DEFAULT_SHARD_BYTES = 5 * 1024**3
 
 
 def find_weight_files(directory: str) -> List[str]:
@@ -74,7 +75,7 @@ def detect_layout(files: Sequence[CheckpointFile]) -> str:
     if first.path.endswith(".bin"):
         return "hf"
     if first.path.endswith(".safetensors"):
-        return "paddle" if first.metadata().get("format") == PADDLE_FORMAT["format"] else "hf"
+        return "paddle" if first.metadata().get("format") in PADDLE_FORMATS else "hf"
     names = [n for f in files for n in f.infos()]
     return "paddlemix" if any(n.startswith(VIT + "transformer.") or n.startswith(VIT + "conv1") for n in names) else "paddle"
 
@@ -118,7 +119,10 @@ def build_model(model_class, config: InternLMXComposer2Config, dtype: str, lazy:
 
 
 def _to_paddle(array: np.ndarray, dtype: str) -> paddle.Tensor:
-    """Cast in numpy (ml_dtypes gives bf16) and hand the bits to Paddle."""
+    """Cast in numpy (ml_dtypes gives bf16) and hand the bits to Paddle. PaddleNLP stores
+    bf16 in safetensors as raw uint16 (``U16``); no tensor of this model is an integer."""
+    if array.dtype == np.uint16:
+        array = array.view(ml_dtypes.bfloat16)
     if dtype == "bfloat16":
         if array.dtype != ml_dtypes.bfloat16:
             array = array.astype(np.float32).astype(ml_dtypes.bfloat16)
@@ -170,54 +174,28 @@ def load_weights(model, files: Sequence[CheckpointFile], layout: str, dtype: str
     for name in absent:  # optional, unused tensors (post_layernorm) absent from the file
         if not params[name]._is_initialized():
             params[name].initialize()
-        logger.info("%s not in the checkpoint (unused by the model); left at its default", name)
+        logger.debug("%s not in the checkpoint (unused by the model); left at its default", name)
 
 
-def save_weights(model, directory: str, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> List[str]:
-    """Write the state dict as safetensors in Paddle layout, sharded above ``max_shard_bytes``.
-
-    One shard is materialised at a time (memory: model + one shard), and each file is
-    written under a temporary name and renamed, so a crash never leaves a partial file
-    under a final name.
-    """
-    from safetensors.numpy import save_file
-
-    os.makedirs(directory, exist_ok=True)
-    state = model.state_dict()
-    groups: List[List[str]] = [[]]
-    size = 0
-    for name, tensor in state.items():
-        nbytes = int(np.prod(tensor.shape, dtype=np.int64)) * paddle.core.size_of_dtype(tensor.dtype)
-        if groups[-1] and size + nbytes > max_shard_bytes:
-            groups.append([])
-            size = 0
-        groups[-1].append(name)
-        size += nbytes
-    files = [SAFE_WEIGHTS_NAME] if len(groups) == 1 else [
-        f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))
-    ]
-    for group, fname in zip(groups, files):
-        tmp = os.path.join(directory, fname + ".tmp")
-        save_file({name: _to_numpy(state[name]) for name in group}, tmp, metadata=PADDLE_FORMAT)
-        os.replace(tmp, os.path.join(directory, fname))
-    if len(groups) > 1:
-        weight_map = {name: fname for group, fname in zip(groups, files) for name in group}
-        _write_json_atomic(os.path.join(directory, SAFE_WEIGHTS_NAME + _INDEX_SUFFIX), {"weight_map": weight_map})
-    return files
-
-
-def _to_numpy(tensor: paddle.Tensor) -> np.ndarray:
-    if tensor.dtype == paddle.bfloat16:
-        return tensor.view(paddle.uint16).numpy().view(ml_dtypes.bfloat16)
-    return tensor.numpy()
-
-
-def _write_json_atomic(path: str, value: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(value, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+def save_atomically(write: Callable[[str], None], save_dir: str, is_main_process: bool = True) -> None:
+    """Run ``write(tmp_dir)``, then move its files into ``save_dir`` one ``os.replace`` each
+    (atomic on one filesystem) and drop weight files of other formats from earlier saves."""
+    os.makedirs(save_dir, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".saving-", dir=save_dir)
+    try:
+        write(tmp)
+        if not is_main_process:
+            return
+        written = set(os.listdir(tmp))
+        for name in sorted(written):
+            os.replace(os.path.join(tmp, name), os.path.join(save_dir, name))
+        for name in os.listdir(save_dir):
+            stale = name not in written and (name.startswith(("model_state", "model-", "model.safetensors",
+                                                              "pytorch_model")))
+            if stale and os.path.isfile(os.path.join(save_dir, name)):
+                os.remove(os.path.join(save_dir, name))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def open_weight_files(directory: str) -> List[CheckpointFile]:

@@ -202,7 +202,8 @@ class InternLM2Model(nn.Layer):
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.LayerList([InternLM2DecoderLayer(config, i) for i in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.gradient_checkpointing = False
+        # PaddleNLP's Trainer sets ``enable_recompute`` on every layer that has it (``recompute: true``).
+        self.enable_recompute = False
 
     def embed(self, input_ids: paddle.Tensor) -> paddle.Tensor:
         """Token embeddings. As torch's ``nn.Embedding(padding_idx=pad)`` in the official model,
@@ -242,10 +243,16 @@ class InternLM2Model(nn.Layer):
         mask = causal_mask(new_tokens, past, attention_mask)
         hidden: List[paddle.Tensor] = []
         x = inputs_embeds
+        recompute_layers = self.enable_recompute and self.training
+        if recompute_layers and x.stop_gradient:
+            # Recompute only checkpoints a block whose input needs a gradient; with frozen
+            # embeddings (LoRA) it would silently keep every activation instead.
+            x = x.detach()
+            x.stop_gradient = False
         for layer in self.layers:
             if output_hidden_states:
                 hidden.append(x)
-            if self.gradient_checkpointing and self.training:
+            if recompute_layers:
                 x = recompute(layer, x, rope, mask, image_rows, cache, use_reentrant=False)
             else:
                 x = layer(x, rope, mask, image_rows, cache)

@@ -31,18 +31,29 @@ __all__ = ["InternLMXComposer2PretrainedModel", "InternLMXComposer2ForCausalLM",
 IGNORE_INDEX = -100  # label of positions that are not learned (as torch's CrossEntropyLoss default)
 
 
+def shift_labels(labels: paddle.Tensor) -> paddle.Tensor:
+    """``labels[:, 1:]`` padded with ``IGNORE_INDEX``: the target of every position.
+
+    Shifting the (small) labels instead of slicing the (huge, ``[b, T, V]``) logits avoids
+    a full-size copy forward and backward."""
+    pad = paddle.full([labels.shape[0], 1], IGNORE_INDEX, dtype="int64")
+    return paddle.concat([labels[:, 1:].astype("int64"), pad], axis=1)
+
+
 def causal_lm_loss(logits: paddle.Tensor, labels: paddle.Tensor) -> paddle.Tensor:
     """Mean cross-entropy of next-token prediction over the labelled positions only.
 
-    ``logits`` ``[b, T, V]``, ``labels`` ``[b, T]`` (``IGNORE_INDEX`` = not learned).
-    Normalised by the number of labelled tokens of the whole batch (Paddle's
-    ``reduction="mean"`` with ``ignore_index`` divides by all rows; PaddleMIX has that bug).
-    A batch without labelled tokens gives 0 (and no gradient) instead of NaN.
+    ``logits`` ``[b, T, V]`` (or ``[n, V]`` rows with ``labels`` ``[n]`` already shifted),
+    ``labels`` ``[b, T]`` (``IGNORE_INDEX`` = not learned). Normalised by the number of
+    labelled tokens of the whole batch (Paddle's ``reduction="mean"`` with ``ignore_index``
+    divides by all rows; PaddleMIX has that bug). A batch without labelled tokens gives 0
+    (and no gradient) instead of NaN.
     """
-    shift_logits = logits[:, :-1].astype("float32").reshape([-1, logits.shape[-1]])
-    shift_labels = labels[:, 1:].reshape([-1, 1]).astype("int64")
-    total = F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum")
-    count = (shift_labels != IGNORE_INDEX).astype("float32").sum()
+    targets = shift_labels(labels) if logits.ndim == 3 else labels
+    flat_logits = logits.reshape([-1, logits.shape[-1]]).astype("float32")
+    flat_targets = targets.reshape([-1, 1]).astype("int64")
+    total = F.cross_entropy(flat_logits, flat_targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    count = (flat_targets != IGNORE_INDEX).astype("float32").sum()
     return total / paddle.clip(count, min=1.0)
 
 
@@ -149,7 +160,8 @@ class InternLMXComposer2ForCausalLM(ChatMixin, InternLMXComposer2PretrainedModel
         """As the official forward. ``im_mask`` counts only with ``inputs_embeds`` or
         ``pixel_values`` (with plain ``input_ids`` every row is text, as officially).
 
-        Extensions: ``pixel_values`` fills the ``im_mask`` rows of ``input_ids`` with image
+        In training mode with ``labels``, only the loss is computed (``logits`` is None): logits
+        of unlabelled positions are never needed. Extensions: ``pixel_values`` fills the ``im_mask`` rows of ``input_ids`` with image
         embeddings (training batches); ``past_key_values`` is a :class:`KVCache` (created
         when ``use_cache`` and none is given); ``logits_to_keep=k`` computes logits for the
         last ``k`` positions only (generation).
@@ -176,13 +188,26 @@ class InternLMXComposer2ForCausalLM(ChatMixin, InternLMXComposer2PretrainedModel
             position_ids=position_ids,
             output_hidden_states=output_hidden_states,
         )
-        if logits_to_keep:
-            hidden = hidden[:, -logits_to_keep:]
-        logits = self.output(hidden).astype("float32")
-        loss = causal_lm_loss(logits, labels) if labels is not None else None
+        if labels is not None and self.training:
+            # Training needs logits only where a label is: the [b, T, V] tensor (V = 92544)
+            # would cost far more memory and time than the model itself on long samples.
+            loss, logits = self._labelled_rows_loss(hidden, labels), None
+        else:
+            if logits_to_keep:
+                hidden = hidden[:, -logits_to_keep:]
+            logits = self.output(hidden).astype("float32")
+            loss = causal_lm_loss(logits, labels) if labels is not None else None
         if not return_dict:
             return tuple(v for v in (loss, logits, cache, all_hidden) if v is not None)
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache, hidden_states=all_hidden)
+
+    def _labelled_rows_loss(self, hidden: paddle.Tensor, labels: paddle.Tensor) -> paddle.Tensor:
+        targets = shift_labels(labels).reshape([-1])
+        rows = paddle.nonzero(targets != IGNORE_INDEX).reshape([-1])
+        if rows.shape[0] == 0:
+            return hidden.sum() * 0.0  # keeps the graph (and DataParallel's reducer) intact
+        picked = paddle.gather(hidden.reshape([-1, hidden.shape[-1]]), rows)
+        return causal_lm_loss(self.output(picked).astype("float32"), paddle.gather(targets, rows))
 
     # --- checkpoints -------------------------------------------------------------------------
     @classmethod
@@ -192,17 +217,26 @@ class InternLMXComposer2ForCausalLM(ChatMixin, InternLMXComposer2PretrainedModel
         *args: Any,
         config: Optional[InternLMXComposer2Config] = None,
         dtype: Optional[str] = None,
+        from_aistudio: bool = False,
+        from_hf_hub: bool = False,
+        cache_dir: Optional[str] = None,
+        subfolder: Optional[str] = None,
         **kwargs: Any,
     ) -> "InternLMXComposer2ForCausalLM":
         """Load a checkpoint in any supported layout (official HF safetensors / ``.bin`` /
         shards, PaddleMIX ``.pdparams``, or ours), strictly, tensor by tensor.
 
+        ``pretrained_model_name_or_path``: a local directory, or a model id resolved like
+        PaddleNLP's (cache, then PaddleNLP's store, AI Studio with ``from_aistudio``, or the
+        Hugging Face Hub with ``from_hf_hub``; see :mod:`.hub`).
         ``dtype``: ``"float32"`` (default), ``"bfloat16"`` or ``"float16"``; weights are
         cast while loading. ``config`` replaces the directory's ``config.json``.
         """
         from . import checkpoint
+        from .hub import resolve_pretrained
 
-        directory = str(pretrained_model_name_or_path)
+        directory = resolve_pretrained(pretrained_model_name_or_path, purpose="model", from_aistudio=from_aistudio,
+                                       from_hf_hub=from_hf_hub, cache_dir=cache_dir, subfolder=subfolder)
         config = config if config is not None else checkpoint.load_config(directory)
         dtype = dtype or "float32"
         files = checkpoint.open_weight_files(directory)
@@ -212,12 +246,14 @@ class InternLMXComposer2ForCausalLM(ChatMixin, InternLMXComposer2PretrainedModel
         model.eval()
         return model
 
-    def save_pretrained(self, save_dir: str, is_main_process: bool = True, **kwargs: Any) -> None:
-        """Write ``config.json`` and ``model.safetensors`` (Paddle layout, sharded when large)."""
+    def save_pretrained(self, save_dir: str, *args: Any, **kwargs: Any) -> None:
+        """PaddleNLP's ``save_pretrained`` (what the Trainer's checkpoints and resume expect:
+        ``config.json`` + ``model_state.pdparams``, or ``model.safetensors`` with
+        ``safe_serialization=True``; our names, Paddle layout), made crash-safe: everything is
+        written to a temporary sibling directory first and then renamed into place file by
+        file, so no final name ever holds a partial file; weight files of another format
+        left from an earlier save are removed so a reload cannot pick a stale one."""
         from . import checkpoint
 
-        if not is_main_process:
-            return
-        os.makedirs(save_dir, exist_ok=True)
-        self.config.save_pretrained(save_dir)
-        checkpoint.save_weights(self, save_dir)
+        checkpoint.save_atomically(lambda tmp: super(InternLMXComposer2ForCausalLM, self).save_pretrained(
+            tmp, *args, **kwargs), save_dir, is_main_process=kwargs.get("is_main_process", True))

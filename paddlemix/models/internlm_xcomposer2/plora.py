@@ -23,7 +23,7 @@ from typing import Optional
 import paddle
 import paddle.nn as nn
 
-__all__ = ["ImageRows", "PLoRALinear"]
+__all__ = ["ImageRows", "PLoRALinear", "add_plora_branch"]
 
 
 @dataclass
@@ -73,7 +73,8 @@ class PLoRALinear(nn.Layer):
             else None
         )
         self.lora_scaling = lora_alpha / lora_r
-        self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        # not ``lora_dropout``: that name belongs to paddlenlp.peft's LoRA branch (see finetune/lora.py)
+        self.plora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.Plora_A = nn.Linear(in_features, lora_r, bias_attr=False)
         self.Plora_B = nn.Linear(
             lora_r, out_features, bias_attr=False, weight_attr=nn.initializer.Constant(0.0)
@@ -83,13 +84,18 @@ class PLoRALinear(nn.Layer):
         y = paddle.matmul(x, self.weight)
         if self.bias is not None:
             y = y + self.bias
-        if image_rows is None:
-            return y
-        flat_x = x.reshape([-1, self.in_features])
-        part = paddle.gather(flat_x, image_rows.index)
-        lora = self.Plora_B(self.Plora_A(self.lora_dropout(part))) * self.lora_scaling
-        flat_y = paddle.index_add(y.reshape([-1, self.out_features]), image_rows.index, 0, lora.astype(y.dtype))
-        return flat_y.reshape(y.shape)
+        return add_plora_branch(self, x, y, image_rows)
+
+
+def add_plora_branch(layer: nn.Layer, x: paddle.Tensor, y: paddle.Tensor, image_rows: Optional[ImageRows]) -> paddle.Tensor:
+    """``y`` plus ``layer``'s PLoRA branch on the image rows of ``x`` (``res[im_mask] += ...``)."""
+    if image_rows is None:
+        return y
+    out_features = y.shape[-1]
+    part = paddle.gather(x.reshape([-1, x.shape[-1]]), image_rows.index)
+    lora = layer.Plora_B(layer.Plora_A(layer.plora_dropout(part))) * layer.lora_scaling
+    flat_y = paddle.index_add(y.reshape([-1, out_features]), image_rows.index, 0, lora.astype(y.dtype))
+    return flat_y.reshape(y.shape)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, lora_scaling={self.lora_scaling}"

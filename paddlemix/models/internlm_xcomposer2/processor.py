@@ -136,6 +136,24 @@ class InternLMXComposer2Processor:
         image_processor = InternLMXComposer2ImageProcessor(img_size=config.img_size)
         return cls(tokenizer, image_processor, config.num_image_tokens, config.max_length)
 
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, config: Any = None, *, from_aistudio: bool = False,
+                        from_hf_hub: bool = False, cache_dir: Optional[str] = None,
+                        subfolder: Optional[str] = None) -> "InternLMXComposer2Processor":
+        """Tokenizer + image processor from a local directory or a model id (same resolution as the model).
+
+        The image size and token count come from the model config (``config``, else the checkpoint's
+        ``config.json``); only that and the tokenizer files are fetched, never the weights.
+        """
+        from .checkpoint import load_config
+        from .hub import resolve_pretrained
+
+        directory = resolve_pretrained(name_or_path, purpose="tokenizer" if config is not None else "processor",
+                                       from_aistudio=from_aistudio, from_hf_hub=from_hf_hub, cache_dir=cache_dir,
+                                       subfolder=subfolder)
+        config = config if config is not None else load_config(directory)
+        return cls.from_config(InternLMXComposer2Tokenizer.from_pretrained(directory), config)
+
     # --- tokens ------------------------------------------------------------------------------
     def _encode(self, text: str, bos: bool) -> List[int]:
         return list(self.tokenizer(text, add_special_tokens=bos)["input_ids"])

@@ -96,20 +96,27 @@ class InternLMXComposer2Tokenizer(PretrainedTokenizer):
         self.sanitize_special_tokens()
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: Union[str, os.PathLike], *args: Any, **kwargs: Any):
-        """Load from a local directory in either layout (``tokenizer.model`` or ``sentencepiece.bpe.model``).
+    def from_pretrained(cls, pretrained_model_name_or_path: Union[str, os.PathLike], *args: Any,
+                        from_aistudio: bool = False, from_hf_hub: bool = False, cache_dir: Optional[str] = None,
+                        **kwargs: Any):
+        """Load from a local directory in either layout (``tokenizer.model`` or ``sentencepiece.bpe.model``), or
+        from a model id resolved like the model's (see :mod:`.hub`), so both come from the same source.
 
         PaddleNLP only looks for ``resource_files_names``; the vocabulary is located here and passed as
-        ``vocab_file``. Only local directories are accepted: checkpoints of this port always ship on disk, and a
-        hub lookup would fail offline with a less helpful error.
+        ``vocab_file``. Downloads go through our resolver rather than PaddleNLP's, which would look for
+        ``tokenizer.model`` only and fail offline with a less helpful error.
         """
-        path = Path(pretrained_model_name_or_path)
+        from .hub import resolve_pretrained
+
+        path = Path(resolve_pretrained(pretrained_model_name_or_path, purpose="tokenizer", from_aistudio=from_aistudio,
+                                       from_hf_hub=from_hf_hub, cache_dir=cache_dir,
+                                       subfolder=kwargs.pop("subfolder", None)))
         if not path.is_dir():
             raise FileNotFoundError(
                 f"tokenizer directory not found: {str(path)!r} (it should hold one of {', '.join(VOCAB_FILE_NAMES)})"
             )
         if kwargs.get("vocab_file") is None:
-            kwargs["vocab_file"] = str(find_vocab_file(path / (kwargs.get("subfolder") or "")))
+            kwargs["vocab_file"] = str(find_vocab_file(path))
         return super().from_pretrained(str(path), *args, **kwargs)
 
     # ----- vocabulary --------------------------------------------------------------------------------------
