@@ -4,13 +4,17 @@ PaddleNLP writes ``checkpoint-N`` in place, file by file, and ``get_last_checkpo
 takes the highest N without checking it: a run killed while saving would resume from a
 half-written directory. A marker file written after the Trainer finished a checkpoint
 (``on_save`` fires after model, optimizer, scheduler, RNG and state are on disk) makes
-completeness explicit; directories without it are moved aside, never deleted.
+completeness explicit; directories without it are moved aside, never deleted. Rotation
+(``save_total_limit``) also happens here, after the marker: PaddleNLP rotates before the
+checkpoint is known complete (and, on one process, never: it checks ``local_rank == 0``
+while a single process has ``local_rank == -1``).
 """
 from __future__ import annotations
 
 import logging
 import os
 import re
+import shutil
 import time
 from typing import List, Optional
 
@@ -18,7 +22,8 @@ from paddlenlp.trainer import TrainerCallback
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["COMPLETE_MARKER", "CheckpointCompleteCallback", "last_complete_checkpoint", "set_aside_incomplete"]
+__all__ = ["COMPLETE_MARKER", "CheckpointCompleteCallback", "last_complete_checkpoint", "rotate_complete",
+           "set_aside_incomplete"]
 
 COMPLETE_MARKER = ".complete"
 _CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
@@ -59,8 +64,22 @@ def set_aside_incomplete(output_dir: str) -> List[str]:
     return moved
 
 
+def rotate_complete(output_dir: str, keep: Optional[int], protect: Optional[str] = None) -> List[str]:
+    """Delete the oldest *complete* checkpoints beyond ``keep`` (never ``protect``, e.g. the
+    best model, and never the newest complete one). Runs after the new checkpoint's marker
+    is written, so a crash at any point leaves at least one complete checkpoint."""
+    if not keep or keep <= 0:
+        return []
+    complete = [p for p in _checkpoints(output_dir) if is_complete(p)]
+    doomed = [p for p in complete[:-keep] if p != protect]
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+        logger.info("deleted %s (save_total_limit %d)", path, keep)
+    return doomed
+
+
 class CheckpointCompleteCallback(TrainerCallback):
-    """Write the completeness marker once the Trainer has finished a checkpoint."""
+    """Write the completeness marker once the Trainer has finished a checkpoint, then rotate."""
 
     def on_save(self, args, state, control, **kwargs):
         if args.should_save:
@@ -68,4 +87,5 @@ class CheckpointCompleteCallback(TrainerCallback):
             if os.path.isdir(path):
                 with open(os.path.join(path, COMPLETE_MARKER), "w", encoding="utf-8") as f:
                     f.write(f"{state.global_step}\n")
+                rotate_complete(args.output_dir, args.save_total_limit, state.best_model_checkpoint)
         return control

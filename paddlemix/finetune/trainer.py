@@ -9,11 +9,15 @@
 from __future__ import annotations
 
 import logging
+import math
+import os
 from typing import Any, Dict, Optional
 
 import paddle
 from paddle.io import DistributedBatchSampler
-from paddlenlp.trainer import Trainer, TrainerCallback
+from paddlenlp.trainer import Trainer, TrainerCallback, TrainerState
+from paddlenlp.trainer.trainer import TRAINER_STATE_NAME
+from paddlenlp.trainer.trainer_utils import TrainOutput
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +91,23 @@ class SFTTrainer(Trainer):
         self.resumed_from = resume_from_checkpoint
         batches = len(self.get_train_dataloader())
         self.steps_per_epoch = max(batches // max(self.args.gradient_accumulation_steps, 1), 1)
+        if resume_from_checkpoint and self._finished(resume_from_checkpoint):
+            # PaddleNLP would run one step past max_steps when resuming a finished run.
+            logger.warning("%s already reached the last step; loading it without training", resume_from_checkpoint)
+            self._load_from_checkpoint(resume_from_checkpoint)
+            state = TrainerState.load_from_json(os.path.join(resume_from_checkpoint, TRAINER_STATE_NAME))
+            return TrainOutput(state.global_step, 0.0, {})
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def _rotate_checkpoints(self, use_mtime: bool = False, output_dir: Optional[str] = None) -> None:
+        """Rotation happens in ``CheckpointCompleteCallback`` once a checkpoint is complete."""
+
+    def _finished(self, checkpoint: str) -> bool:
+        state = TrainerState.load_from_json(os.path.join(checkpoint, TRAINER_STATE_NAME))
+        max_steps = self.args.max_steps
+        if max_steps <= 0:
+            max_steps = int(math.ceil(self.args.num_train_epochs * self.steps_per_epoch))
+        return state.global_step >= max_steps
 
     def log(self, logs: Dict[str, float], **kwargs: Any) -> None:
         skipped = getattr(self.train_dataset, "skipped_at_runtime", 0)
