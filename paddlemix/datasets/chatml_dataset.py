@@ -25,6 +25,7 @@ import paddle
 
 from ..models.internlm_xcomposer2.image_processing import URL_SCHEMES, ImageLoadError, load_image
 from ..models.internlm_xcomposer2.processor import IMAGE_PLACEHOLDER, IMAGE_SLOT, InternLMXComposer2Processor, Layout
+from .collator import SKIPPED_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -417,9 +418,9 @@ class ChatMLDataset(paddle.io.Dataset):
     ``layouts`` is :attr:`ValidationReport.layouts` (any sample missing there is tokenized here); images are
     decoded in ``__getitem__`` to keep start-up and memory small. An image failing there (e.g. deleted
     since validation) raises :class:`DatasetError` with ``on_image_error="raise"``; with ``"skip"`` the
-    next sample (``i + 1``, wrapping) is served instead and ``skipped_at_runtime`` counts it. With
-    DataLoader workers every worker holds its own copy of the dataset, so that count lives in the
-    workers; read it in the main process only with ``num_workers=0``.
+    next sample (``i + 1``, wrapping) is served instead, counted in ``skipped_at_runtime`` and in the
+    item's ``skipped_samples`` entry, which the collator sums into the batch so the trainer can
+    report it even when DataLoader workers (each with its own dataset copy) did the loading.
     """
 
     def __init__(self, samples: Sequence[Sample], processor: InternLMXComposer2Processor,
@@ -456,7 +457,10 @@ class ChatMLDataset(paddle.io.Dataset):
         for step in range(count):
             sample, layout = self.samples[(index + step) % count], self.layouts[(index + step) % count]
             try:
-                return self._features(sample, layout)
+                features = self._features(sample, layout)
+                if step:
+                    features[SKIPPED_KEY] = np.asarray(step, dtype=np.int64)  # summed by the collator
+                return features
             except ImageLoadError as err:
                 message = f"{sample.where()}: {err}"
                 if self.on_image_error == "raise":

@@ -12,10 +12,13 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import numpy as np
 import paddle
 
-__all__ = ["DataCollatorForChatML", "IGNORE_INDEX"]
+__all__ = ["DataCollatorForChatML", "IGNORE_INDEX", "SKIPPED_KEY"]
 
 IGNORE_INDEX = -100  # label of positions the loss skips (padding included)
 RETURN_TENSORS = ("pd", "np")
+# Batch entry: samples whose images failed at load time and were replaced (see ChatMLDataset);
+# the trainer pops it before ``model(**batch)``.
+SKIPPED_KEY = "skipped_samples"
 # Padding value of each per-token key; attention_mask is derived (1 = real token, 0 = padding).
 _PAD_VALUES = {"labels": IGNORE_INDEX, "im_mask": 0}
 
@@ -66,6 +69,9 @@ class DataCollatorForChatML:
                   if f.get("pixel_values") is not None and len(f["pixel_values"])]
         if pixels:
             batch["pixel_values"] = np.concatenate(pixels)
+        skipped = sum(int(f.get(SKIPPED_KEY, 0)) for f in features)
+        if skipped:
+            batch[SKIPPED_KEY] = np.asarray(skipped, dtype=np.int64)
         return self._to_tensors(batch) if self.return_tensors == "pd" else batch
 
     @staticmethod

@@ -19,6 +19,7 @@ from ..models.internlm_xcomposer2.processor import InternLMXComposer2Processor
 from .arguments import ArgumentError, DataArguments, ModelArguments
 from .checkpoints import CheckpointCompleteCallback, last_complete_checkpoint, set_aside_incomplete
 from .lora import PLoRALoRAModel, build_lora_config, load_adapter
+from .safe_loading import ErrorCarryingCollator, ErrorCarryingDataset
 from .trainer import SFTTrainer
 
 logger = logging.getLogger(__name__)
@@ -154,7 +155,17 @@ def resume_checkpoint(training: TrainingArguments) -> Optional[str]:
 
 
 def run_sft(model_args: ModelArguments, data_args: DataArguments, training: TrainingArguments) -> Dict[str, Any]:
-    """Train (and/or evaluate) as the arguments say; returns the metrics."""
+    """Train (and/or evaluate) as the arguments say; returns the metrics.
+
+    Runs under a fresh ``unique_name`` scope: the Trainer keys optimizer state by Paddle's
+    generated names (``embedding_0.w_0_moment1_0``...), which otherwise depend on what the
+    process created before, so a resume in the same process (a notebook, a retry loop)
+    would find none of its optimizer state."""
+    with paddle.utils.unique_name.guard():
+        return _run_sft(model_args, data_args, training)
+
+
+def _run_sft(model_args: ModelArguments, data_args: DataArguments, training: TrainingArguments) -> Dict[str, Any]:
     tokenizer, processor, model = build_model(model_args, data_args, training)
     train_set = _load_split(_dataset_files(data_args.dataset, "train"), processor, data_args, "train") \
         if training.do_train else None
@@ -162,8 +173,10 @@ def run_sft(model_args: ModelArguments, data_args: DataArguments, training: Trai
         if training.do_eval else None
     if training.do_train and train_set is None:
         raise ArgumentError('do_train is set but dataset has no "train" files')
-    trainer = SFTTrainer(model=model, args=training, train_dataset=train_set, eval_dataset=eval_set,
-                         tokenizer=tokenizer, data_collator=DataCollatorForChatML(tokenizer.pad_token_id),
+    carry = lambda dataset: ErrorCarryingDataset(dataset) if dataset is not None else None  # noqa: E731
+    trainer = SFTTrainer(model=model, args=training, train_dataset=carry(train_set), eval_dataset=carry(eval_set),
+                         tokenizer=tokenizer,
+                         data_collator=ErrorCarryingCollator(DataCollatorForChatML(tokenizer.pad_token_id)),
                          callbacks=[CheckpointCompleteCallback()])
     metrics: Dict[str, Any] = {}
     if training.do_train:

@@ -5,6 +5,7 @@
 * RNG state (dropout) restored on resume even when the checkpoint sits on an epoch
   boundary, where PaddleNLP skips it.
 * Samples skipped because an image failed mid-training are added to the logs.
+* A checkpoint that cannot be written stops the run with a message naming the resume point.
 """
 from __future__ import annotations
 
@@ -18,6 +19,10 @@ from paddle.io import DistributedBatchSampler
 from paddlenlp.trainer import Trainer, TrainerCallback, TrainerState
 from paddlenlp.trainer.trainer import TRAINER_STATE_NAME
 from paddlenlp.trainer.trainer_utils import TrainOutput
+
+from ..datasets.collator import SKIPPED_KEY
+from .checkpoints import last_complete_checkpoint
+from .safe_loading import raise_carried_error
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +76,7 @@ class SFTTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.resumed_from: Optional[str] = None
         self.steps_per_epoch = 0
+        self.skipped_samples = 0
         self.add_callback(_RestoreRngAtEpochStart(self))
         self.add_callback(_LogMetrics())
 
@@ -109,8 +115,30 @@ class SFTTrainer(Trainer):
             max_steps = int(math.ceil(self.args.num_train_epochs * self.steps_per_epoch))
         return state.global_step >= max_steps
 
+    def _prepare_inputs(self, inputs: Dict[str, Any]) -> Dict[str, Any]:
+        raise_carried_error(inputs)
+        # The collator reports samples served in place of ones whose images failed to load
+        # (counted in the DataLoader workers, where the dataset copies live).
+        skipped = inputs.pop(SKIPPED_KEY, None)
+        if skipped is not None:
+            self.skipped_samples += int(skipped)
+        return super()._prepare_inputs(inputs)
+
     def log(self, logs: Dict[str, float], **kwargs: Any) -> None:
-        skipped = getattr(self.train_dataset, "skipped_at_runtime", 0)
-        if skipped:
-            logs["skipped_samples"] = skipped
+        if self.skipped_samples:
+            logs["skipped_samples"] = self.skipped_samples
         super().log(logs, **kwargs)
+
+    def _save_checkpoint(self, model, metrics=None):
+        """A save that fails (disk full, read-only or vanished output_dir) stops the run with
+        one clear message; the half-written checkpoint has no completeness marker, so the
+        previous one stays the resume point."""
+        try:
+            return super()._save_checkpoint(model, metrics=metrics)
+        except OSError as err:
+            previous = last_complete_checkpoint(self.args.output_dir)
+            raise OSError(
+                f"could not write checkpoint-{self.state.global_step} in {self.args.output_dir} "
+                f"({err.strerror or err}); the last complete checkpoint is "
+                f"{previous or 'none'}: free space or fix the directory, then rerun the same command to resume"
+            ) from err

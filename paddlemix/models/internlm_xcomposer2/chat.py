@@ -60,6 +60,9 @@ class ChatMixin:
     """Chat methods of :class:`InternLMXComposer2ForCausalLM`."""
 
     def _settings(self, tokenizer, **kwargs: Any) -> GenerationSettings:
+        if tokenizer.vocab_size > self.config.vocab_size:
+            raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                             f"{self.config.vocab_size} embeddings: use the tokenizer of this checkpoint")
         settings = GenerationSettings(eos_token_ids=(tokenizer.eos_token_id, tokenizer.im_end_id),
                                       pad_token_id=tokenizer.pad_token_id, **kwargs)
         settings.validate()
