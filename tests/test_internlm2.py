@@ -6,7 +6,7 @@ import numpy as np
 import paddle
 import pytest
 
-from paddlemix.models.internlm_xcomposer2 import InternLMXComposer2Config, InternLMXComposer2ForCausalLM
+from paddlemix.models.internlm_xcomposer2 import InternLMXComposer2Config
 from paddlemix.models.internlm_xcomposer2.internlm2 import (
     apply_rotary,
     causal_mask,

@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import paddle
 from paddlenlp.trainer import TrainingArguments
 
-from ..datasets.chatml_dataset import ChatMLDataset, DatasetError, apply_policy, read_chatml, validate
+from ..datasets.chatml_dataset import ChatMLDataset, apply_policy, read_chatml, validate
 from ..datasets.collator import DataCollatorForChatML
 from ..models.internlm_xcomposer2 import InternLMXComposer2ForCausalLM, InternLMXComposer2Tokenizer
 from ..models.internlm_xcomposer2.checkpoint import load_config

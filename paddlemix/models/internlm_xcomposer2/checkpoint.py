@@ -12,7 +12,7 @@ import logging
 import os
 import shutil
 import tempfile
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, List, Sequence, Tuple
 
 import ml_dtypes
 import numpy as np
