@@ -20,7 +20,7 @@ import struct
 import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import ml_dtypes
 import numpy as np
@@ -38,6 +38,7 @@ _TORCH_STORAGE_DTYPES = {
     "ShortStorage": np.int16, "CharStorage": np.int8, "ByteStorage": np.uint8, "BoolStorage": np.bool_,
 }
 _ZIP_LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")  # fixed part of a zip local file header
+BLOCK_BYTES = 64 * 1024**2  # reading granularity: bounds the transient memory of a conversion
 
 
 class CheckpointError(ValueError):
@@ -64,6 +65,48 @@ class CheckpointFile:
     def metadata(self) -> Dict[str, str]:
         return {}
 
+    def row_blocks(self, name: str, max_bytes: int = BLOCK_BYTES) -> Iterator[Tuple[int, np.ndarray]]:
+        """``(first row, rows)`` blocks of the tensor along its first axis, each at most about
+        ``max_bytes``, so a caller can convert/transpose a huge tensor without a full-size copy."""
+        yield 0, self.read(name)
+
+    def read_into(self, name: str, out: np.ndarray) -> bool:
+        """Read the tensor straight into ``out`` if it is stored contiguously with ``out``'s
+        dtype and shape (no intermediate copy); return False when that is not possible."""
+        return False
+
+    def _contiguous_blocks(self, offset: int, dtype: np.dtype, shape: Tuple[int, ...],
+                           max_bytes: int) -> Iterator[Tuple[int, np.ndarray]]:
+        """Row blocks of a C-contiguous tensor stored at byte ``offset`` of the file, read into
+        one reused buffer (each block is valid until the next one is requested)."""
+        rows = shape[0] if shape else 1
+        row_items = int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 1
+        step = max(1, min(rows, max_bytes // max(row_items * dtype.itemsize, 1)))
+        buffer = np.empty(step * row_items, dtype=dtype)
+        with open(self.path, "rb") as f:
+            for first in range(0, rows, step):
+                count = min(step, rows - first)
+                block = buffer[: count * row_items]
+                self._readinto(f, offset + first * row_items * dtype.itemsize, block)
+                yield first, block.reshape((count,) + tuple(shape[1:]) if shape else ())
+
+    def _readinto(self, f, offset: int, out: np.ndarray) -> None:
+        f.seek(offset)
+        view = memoryview(out.reshape(-1).view(np.uint8))
+        done = 0
+        while done < len(view):
+            n = f.readinto(view[done:])
+            if not n:
+                raise CheckpointError(f"{self.path}: truncated file (tensor data ends past the end of the file)")
+            done += n
+
+    def _read_contiguous_into(self, offset: int, dtype: np.dtype, shape: Tuple[int, ...], out: np.ndarray) -> bool:
+        if out.dtype != dtype or tuple(out.shape) != tuple(shape) or not out.flags.c_contiguous:
+            return False
+        with open(self.path, "rb") as f:
+            self._readinto(f, offset, out)
+        return True
+
     def _fromfile(self, dtype: Any, count: int, offset: int) -> np.ndarray:
         with open(self.path, "rb") as f:
             f.seek(offset)
@@ -89,6 +132,7 @@ class SafetensorsFile(CheckpointFile):
             except (UnicodeDecodeError, json.JSONDecodeError) as err:
                 raise CheckpointError(f"{path}: corrupt safetensors header ({err})") from None
         self._meta = header.pop("__metadata__", None) or {}
+        self._infos: Optional[Dict[str, TensorInfo]] = None
         self._data_start = 8 + header_len
         self._entries = header
         for name, entry in header.items():
@@ -101,9 +145,10 @@ class SafetensorsFile(CheckpointFile):
         return dict(self._meta)
 
     def infos(self) -> Dict[str, TensorInfo]:
-        return {
-            n: TensorInfo(tuple(e["shape"]), np.dtype(_SAFETENSORS_DTYPES[e["dtype"]])) for n, e in self._entries.items()
-        }
+        if self._infos is None:
+            self._infos = {n: TensorInfo(tuple(e["shape"]), np.dtype(_SAFETENSORS_DTYPES[e["dtype"]]))
+                           for n, e in self._entries.items()}
+        return self._infos
 
     def read(self, name: str) -> np.ndarray:
         entry = self._entries[name]
@@ -113,6 +158,17 @@ class SafetensorsFile(CheckpointFile):
         if (end - begin) != count * dtype.itemsize:
             raise CheckpointError(f"{self.path}: tensor {name!r} byte size does not match its shape")
         return self._fromfile(dtype, count, self._data_start + begin).reshape(entry["shape"])
+
+    def row_blocks(self, name: str, max_bytes: int = BLOCK_BYTES) -> Iterator[Tuple[int, np.ndarray]]:
+        entry = self._entries[name]
+        dtype = np.dtype(_SAFETENSORS_DTYPES[entry["dtype"]])
+        yield from self._contiguous_blocks(self._data_start + entry["data_offsets"][0], dtype,
+                                           tuple(entry["shape"]), max_bytes)
+
+    def read_into(self, name: str, out: np.ndarray) -> bool:
+        entry = self._entries[name]
+        return self._read_contiguous_into(self._data_start + entry["data_offsets"][0],
+                                          np.dtype(_SAFETENSORS_DTYPES[entry["dtype"]]), tuple(entry["shape"]), out)
 
 
 @dataclass
@@ -189,6 +245,30 @@ class TorchZipFile(CheckpointFile):
         name_len, extra_len = fields[-2], fields[-1]
         return info.header_offset + _ZIP_LOCAL_HEADER.size + name_len + extra_len
 
+    def row_blocks(self, name: str, max_bytes: int = BLOCK_BYTES) -> Iterator[Tuple[int, np.ndarray]]:
+        t = self._tensors[name]
+        if t.stride != _contiguous_strides(t.shape):  # a view of a larger storage: read it whole
+            yield 0, self.read(name)
+            return
+        dtype = np.dtype(t.storage.dtype)
+        start = self._data_offset(self._member(name)) + t.offset * dtype.itemsize
+        yield from self._contiguous_blocks(start, dtype, t.shape, max_bytes)
+
+    def read_into(self, name: str, out: np.ndarray) -> bool:
+        t = self._tensors[name]
+        if t.stride != _contiguous_strides(t.shape):
+            return False
+        dtype = np.dtype(t.storage.dtype)
+        start = self._data_offset(self._member(name)) + t.offset * dtype.itemsize
+        return self._read_contiguous_into(start, dtype, t.shape, out)
+
+    def _member(self, name: str) -> zipfile.ZipInfo:
+        t = self._tensors[name]
+        info = self._members.get(f"{self._prefix}data/{t.storage.key}")
+        if info is None or info.compress_type != zipfile.ZIP_STORED:
+            raise CheckpointError(f"{self.path}: storage of tensor {name!r} is missing or compressed")
+        return info
+
     def read(self, name: str) -> np.ndarray:
         t = self._tensors[name]
         info = self._members.get(f"{self._prefix}data/{t.storage.key}")
@@ -220,6 +300,14 @@ class PdparamsFile(CheckpointFile):
 
     def read(self, name: str) -> np.ndarray:
         return self._arrays.pop(name)  # hand over ownership: the file's copy is not kept
+
+
+def _contiguous_strides(shape: Tuple[int, ...]) -> Tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= size
+    return tuple(reversed(strides))
 
 
 def open_checkpoint_file(path: str) -> CheckpointFile:
