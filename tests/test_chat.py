@@ -114,7 +114,7 @@ def test_seeded_sampling_is_reproducible(model, tokenizer):
 
 def test_repetition_penalty_divides_positive_multiplies_negative():
     scores = paddle.to_tensor([[2.0, -2.0, 3.0]])
-    seen = paddle.to_tensor([[1, 1, 0]], dtype="uint8")
+    seen = paddle.to_tensor([[0, 1, 0]], dtype="int64")  # a repeated id is penalised once
     np.testing.assert_allclose(apply_repetition_penalty(scores, seen, 2.0).numpy(), [[1.0, -4.0, 3.0]])
 
 
@@ -129,7 +129,7 @@ def test_top_k_and_top_p_filtering():
 
 def test_processed_scores_follow_temperature_then_top_k_then_top_p():
     logits = paddle.to_tensor([[4.0, 3.0, 2.0, 1.0, 0.0]])
-    seen = paddle.zeros([1, 5], dtype="uint8")
+    seen = paddle.zeros([1, 0], dtype="int64")
     hot = process_scores(logits, seen, GenerationSettings(temperature=2.0, top_k=0, top_p=1.0)).numpy()
     np.testing.assert_allclose(hot, logits.numpy() / 2.0)
     default = process_scores(logits, seen, GenerationSettings()).numpy()  # top_k None = official 50, top_p 0.8

@@ -7,13 +7,13 @@ import paddle
 import pytest
 
 from paddlemix.models.internlm_xcomposer2 import InternLMXComposer2Config
-from paddlemix.models.internlm_xcomposer2.internlm2 import (
+from paddlemix.models.internlm_xcomposer2.internlm2 import causal_mask, grouped_attention
+from paddlemix.models.internlm_xcomposer2.rope import (
     apply_rotary,
-    causal_mask,
-    grouped_attention,
     rope_base,
     rope_inv_freq,
     rotary_cos_sin,
+    rotary_for,
 )
 from paddlemix.models.internlm_xcomposer2.kv_cache import KVCache
 
@@ -36,25 +36,35 @@ def test_dynamic_ntk_base_is_a_pure_function_of_length():
 def test_apply_rotary_is_rotate_half():
     x = paddle.randn([1, 3, 2, 4])
     cos, sin = rotary_cos_sin(paddle.arange(3, dtype="float32"), rope_inv_freq(4, 10000.0))
-    out = apply_rotary(x, cos, sin).numpy()
+    out = apply_rotary(x, cos.unsqueeze(0).unsqueeze(2), sin.unsqueeze(0).unsqueeze(2)).numpy()
     xn, c, s = x.numpy(), cos.numpy()[None, :, None], sin.numpy()[None, :, None]
     rotated = np.concatenate([-xn[..., 2:], xn[..., :2]], -1)
     np.testing.assert_allclose(out, xn * c + rotated * s, atol=1e-6)
     np.testing.assert_allclose(out[:, 0], xn[:, 0], atol=1e-6)  # position 0 is unrotated
 
 
-def test_causal_mask_with_padding():
-    assert causal_mask(1, 5, None) is None
-    mask = causal_mask(3, 0, paddle.to_tensor([[0, 1, 1]])).numpy()[0, 0]
+def test_single_token_rotation_matrix_equals_rotate_half():
+    cfg = InternLMXComposer2Config(hidden_size=64, num_attention_heads=4, num_key_value_heads=2)
+    x = paddle.randn([2, 1, 2, 3, 16])
+    by_matrix = rotary_for(cfg, 37, 1, None)(x).numpy()
+    cos, sin = rotary_cos_sin(paddle.to_tensor([37.0]), rope_inv_freq(16, rope_base(cfg, 38)))
+    np.testing.assert_allclose(by_matrix, apply_rotary(x, cos, sin).numpy(), atol=1e-5)
+
+
+def test_causal_mask_with_padding_and_cache_tail():
+    assert causal_mask(1, 5, 6) is None
+    mask = causal_mask(3, 0, 3, paddle.to_tensor([[0, 1, 1]])).numpy()[0]
     allowed = mask == 0
     np.testing.assert_array_equal(allowed, [[False, False, False], [False, True, False], [False, True, True]])
+    tail = causal_mask(1, 4, 8).numpy()[0, 0]  # a cache of capacity 8 holding 5 positions
+    np.testing.assert_array_equal(tail == 0, [True] * 5 + [False] * 3)
 
 
 def test_grouped_attention_equals_repeated_kv():
     paddle.seed(0)
     q = paddle.randn([2, 3, 4, 8])
     k, v = paddle.randn([2, 2, 5, 8]), paddle.randn([2, 2, 5, 8])
-    out = grouped_attention(q, k, v, None).numpy()
+    out = grouped_attention(q.reshape([2, 3, 2, 2, 8]), k, v, None).numpy().reshape([2, 3, 4, 8])
     qn = q.numpy().transpose(0, 2, 1, 3)
     kr, vr = np.repeat(k.numpy(), 2, axis=1), np.repeat(v.numpy(), 2, axis=1)  # head h uses kv h // 2
     s = qn @ kr.transpose(0, 1, 3, 2) / np.sqrt(8)
@@ -63,15 +73,19 @@ def test_grouped_attention_equals_repeated_kv():
     np.testing.assert_allclose(out, (p @ vr).transpose(0, 2, 1, 3), atol=1e-5)
 
 
-def test_kv_cache_grows_and_keeps_contents():
+def test_kv_cache_grows_by_blocks_and_keeps_contents():
+    from paddlemix.models.internlm_xcomposer2.kv_cache import BLOCK
+
     cache = KVCache(1, 1, 2, 4, capacity=2)
-    k = paddle.randn([1, 2, 2, 4])
-    cache.reserve(2)
+    assert cache.capacity == BLOCK
+    k = paddle.randn([1, 2, BLOCK - 1, 4])
+    cache.reserve(BLOCK - 1)
     cache.update(0, k, k)
-    cache.commit(2)
+    cache.commit(BLOCK - 1)
     cache.reserve(3)
-    assert cache.capacity >= 5
-    np.testing.assert_array_equal(cache.keys[0][:, :, :2].numpy(), k.numpy())
+    assert cache.capacity == 2 * BLOCK
+    np.testing.assert_array_equal(cache.keys[0][:, :, : BLOCK - 1].numpy(), k.numpy())
+    assert not cache.keys[0][:, :, BLOCK - 1 :].numpy().any()
 
 
 @pytest.mark.parametrize("use_image", [False, True])

@@ -12,7 +12,7 @@ from typing import Any, Iterator, List, Optional, Sequence, Tuple
 
 import paddle
 
-from .generation import GenerationSettings, generate_tokens, seen_matrix
+from .generation import GenerationSettings, generate_tokens, seen_ids
 from .processor import DEFAULT_META_INSTRUCTION, Layout, InternLMXComposer2Processor
 from .tokenizer import IM_END_TOKEN
 
@@ -135,7 +135,7 @@ class ChatMixin:
         layout, embeds, im_mask = self._chat_inputs(tokenizer, query, _as_image_list(image), history, meta_instruction)
         prefix = self._official_prefix(tokenizer, layout)
         yield prefix
-        seen = seen_matrix([prefix], self.config.vocab_size)
+        seen = seen_ids([prefix])
         with _seeded(settings.seed):
             for token, scores in generate_tokens(self, embeds, settings, seen, im_mask=im_mask,
                                                  output_scores=output_scores):
@@ -220,14 +220,14 @@ class ChatMixin:
         rows = [self._chat_inputs(tokenizer, q, _as_image_list(img), h, meta_instruction)
                 for q, img, h in zip(queries, images, histories)]
         embeds, im_mask, attention_mask = self._left_pad(tokenizer, rows)
-        seen = seen_matrix([self._official_prefix(tokenizer, layout) for layout, _, _ in rows], self.config.vocab_size)
+        seen = seen_ids([self._official_prefix(tokenizer, layout) for layout, _, _ in rows])
         new_ids: List[List[int]] = [[] for _ in range(n)]
         done = [False] * n
         eos = set(settings.eos_token_ids)
         with _seeded(settings.seed):
             for tokens, _ in generate_tokens(self, embeds, settings, seen, im_mask=im_mask,
                                              attention_mask=attention_mask):
-                for i, token in enumerate(tokens.numpy().tolist()):
+                for i, token in enumerate(tokens.tolist()):
                     if not done[i]:
                         new_ids[i].append(token)
                         done[i] = token in eos

@@ -62,12 +62,13 @@ class GenerationSettings:
 
 def apply_repetition_penalty(scores: paddle.Tensor, seen: paddle.Tensor, penalty: float) -> paddle.Tensor:
     """Official semantics: for every id already present, divide a positive score by
-    ``penalty`` and multiply a negative one. ``scores`` ``[b, V]``, ``seen`` ``[b, V]`` (nonzero =
-    present; uint8 because Paddle's CPU scatter has no bool kernel)."""
-    if penalty == 1.0:
+    ``penalty`` and multiply a negative one. ``scores`` ``[b, V]``; ``seen`` ``[b, n]`` ids
+    (a row may repeat ids: they get the same value). Touches only those ``n`` entries."""
+    if penalty == 1.0 or seen.shape[1] == 0:
         return scores
-    penalised = paddle.where(scores < 0, scores * penalty, scores / penalty)
-    return paddle.where(seen.astype("bool"), penalised, scores)
+    present = paddle.take_along_axis(scores, seen, axis=1)
+    present = paddle.where(present < 0, present * penalty, present / penalty)
+    return paddle.put_along_axis(scores, seen, present, axis=1)
 
 
 def apply_top_k(scores: paddle.Tensor, k: int) -> paddle.Tensor:
@@ -103,10 +104,13 @@ def process_scores(logits: paddle.Tensor, seen: paddle.Tensor, settings: Generat
     return apply_top_p(scores, settings.top_p)
 
 
-def _choose(scores: paddle.Tensor, settings: GenerationSettings) -> paddle.Tensor:
-    if not settings.do_sample:
-        return paddle.argmax(scores, axis=-1)
-    return paddle.multinomial(F.softmax(scores, axis=-1), num_samples=1).squeeze(-1)
+def _choose(scores: paddle.Tensor, settings: GenerationSettings) -> np.ndarray:
+    """The next ids ``[b]`` on the host (they are needed there anyway, to stream and stop)."""
+    if settings.do_sample:
+        return paddle.multinomial(F.softmax(scores, axis=-1), num_samples=1).squeeze(-1).numpy()
+    if scores.place.is_cpu_place():  # numpy's argmax over 92544 scores is ~10x faster than Paddle's CPU one
+        return scores.numpy().argmax(-1)
+    return paddle.argmax(scores, axis=-1).numpy()
 
 
 def generate_tokens(
@@ -117,49 +121,52 @@ def generate_tokens(
     im_mask: Optional[paddle.Tensor] = None,
     attention_mask: Optional[paddle.Tensor] = None,
     output_scores: bool = False,
-) -> Iterator[Tuple[paddle.Tensor, Optional[paddle.Tensor]]]:
-    """Yield the next token ids ``[b]`` (and their processed scores ``[b, V]`` if asked),
-    one step at a time, until every row produced an EOS or ``max_new_tokens`` is reached.
+) -> Iterator[Tuple[np.ndarray, Optional[paddle.Tensor]]]:
+    """Yield the next token ids ``[b]`` (numpy, on the host) and, if asked, their processed
+    scores ``[b, V]``, one step at a time, until every row produced an EOS or
+    ``max_new_tokens`` is reached.
 
-    ``seen`` ``[b, V]`` uint8: the ids the repetition penalty starts from. ``attention_mask``
-    ``[b, T]`` marks left padding (rows of different lengths); finished rows keep
-    receiving ``pad_token_id``. The prompt runs through the model once (prefill); every
-    later step feeds one token per row through the cache. Generated tokens are text: no
-    ``im_mask``, so no PLoRA.
+    ``seen`` ``[b, n]`` int64: the ids the repetition penalty starts from (a row shorter than
+    others repeats one of its ids). ``attention_mask`` ``[b, T]`` marks left padding;
+    finished rows keep receiving ``pad_token_id``. The prompt runs once (prefill), then one
+    token per row per step through the KV cache; the only device→host transfer per step is
+    the chosen ids. Generated tokens are text: no ``im_mask``, so no PLoRA.
     """
     settings.validate()
     b, t = inputs_embeds.shape[:2]
     cfg = model.config
-    cache = KVCache(cfg.num_hidden_layers, b, cfg.num_key_value_heads, cfg.head_dim, t + settings.max_new_tokens,
-                    inputs_embeds.dtype)
+    cache = KVCache(cfg.num_hidden_layers, b, cfg.num_key_value_heads, cfg.head_dim, t + 1, inputs_embeds.dtype)
     positions = None
     if attention_mask is not None:  # left padding: positions count real tokens only
         positions = paddle.clip(paddle.cumsum(attention_mask.astype("int64"), axis=-1) - 1, min=0)
-    eos = paddle.to_tensor(list(settings.eos_token_ids) or [-1], dtype="int64")
-    finished = paddle.zeros([b], dtype="bool")
-    pad = paddle.full([b], settings.pad_token_id, dtype="int64")
-    seen = seen.clone()
+    eos = np.asarray(list(settings.eos_token_ids), dtype=np.int64)
+    finished = np.zeros([b], dtype=bool)
     with paddle.no_grad():
         logits = model(inputs_embeds=inputs_embeds, im_mask=im_mask, attention_mask=attention_mask,
                        position_ids=positions, past_key_values=cache, logits_to_keep=1).logits[:, -1]
-        for _ in range(settings.max_new_tokens):
+        for step in range(settings.max_new_tokens):
             scores = process_scores(logits, seen, settings)
-            token = paddle.where(finished, pad, _choose(scores, settings))
+            token = np.where(finished, settings.pad_token_id, _choose(scores, settings)).astype(np.int64)
             yield token, (scores if output_scores else None)
-            seen = paddle.put_along_axis(seen, token.unsqueeze(-1), paddle.ones([b, 1], dtype="uint8"), axis=-1)
-            finished = paddle.logical_or(finished, paddle.isin(token, eos))
-            if bool(finished.all()):
+            finished |= np.isin(token, eos)
+            if finished.all() or step == settings.max_new_tokens - 1:
                 return
+            token_tensor = paddle.to_tensor(token).unsqueeze(-1)
+            seen = paddle.concat([seen, token_tensor], axis=1)
             if attention_mask is not None:
                 attention_mask = paddle.concat([attention_mask, paddle.ones([b, 1], dtype=attention_mask.dtype)], 1)
                 positions = positions[:, -1:] + 1
-            logits = model(input_ids=token.unsqueeze(-1), attention_mask=attention_mask, position_ids=positions,
+            logits = model(input_ids=token_tensor, attention_mask=attention_mask, position_ids=positions,
                            past_key_values=cache, logits_to_keep=1).logits[:, -1]
 
 
-def seen_matrix(rows: Sequence[Sequence[int]], vocab_size: int) -> paddle.Tensor:
-    """uint8 ``[b, V]``, 1 at the ids of each row (the repetition penalty's memory)."""
-    seen = np.zeros([len(rows), vocab_size], dtype=np.uint8)
+def seen_ids(rows: Sequence[Sequence[int]]) -> paddle.Tensor:
+    """``[b, n]`` int64 ids the repetition penalty starts from; shorter rows repeat their
+    first id (a repeated id changes nothing)."""
+    width = max(1, max(len(r) for r in rows))
+    table = np.zeros([len(rows), width], dtype=np.int64)
     for i, ids in enumerate(rows):
-        seen[i, [int(x) for x in ids]] = 1
-    return paddle.to_tensor(seen)
+        ids = [int(x) for x in ids] or [0]
+        table[i, : len(ids)] = ids
+        table[i, len(ids):] = ids[0]
+    return paddle.to_tensor(table)

@@ -1,4 +1,4 @@
-"""The InternLM2 decoder: RMSNorm, rotary embeddings, GQA attention over a packed Wqkv,
+"""The InternLM2 decoder: RMSNorm, GQA attention over a packed Wqkv with rotary embeddings,
 SwiGLU feed-forward, all five linears of each layer being PLoRA.
 
 The decoder knows nothing about images except which rows are image rows
@@ -13,21 +13,14 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 from paddle.distributed.fleet.utils import recompute
+from paddle.incubate.nn.functional import fused_rms_norm
 
 from .configuration import InternLMXComposer2Config
 from .kv_cache import KVCache
 from .plora import ImageRows, PLoRALinear
+from .rope import Rotary, rotary_for
 
-__all__ = [
-    "RMSNorm",
-    "rope_base",
-    "rope_inv_freq",
-    "rotary_cos_sin",
-    "apply_rotary",
-    "causal_mask",
-    "grouped_attention",
-    "InternLM2Model",
-]
+__all__ = ["RMSNorm", "causal_mask", "grouped_attention", "InternLM2Model"]
 
 
 class RMSNorm(nn.Layer):
@@ -39,89 +32,62 @@ class RMSNorm(nn.Layer):
         self.eps = eps
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        h = x.astype("float32")
-        h = h * paddle.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        if not paddle.is_grad_enabled():  # inference: one fused kernel (it has no CPU backward)
+            return fused_rms_norm(x, self.weight, None, self.eps, x.ndim - 1)[0]
+        h = x if x.dtype == paddle.float32 else x.astype("float32")
+        h = h * paddle.rsqrt((h * h).mean(-1, keepdim=True) + self.eps)  # h*h: pow(2) is far slower on CPU
         return self.weight * h.astype(x.dtype)
 
 
-# --- rotary position embedding --------------------------------------------------------------
-def rope_base(config: InternLMXComposer2Config, seq_len: int) -> float:
-    """RoPE base for a sequence of ``seq_len`` tokens: dynamic NTK rescales it past
-    ``max_position_embeddings`` M: ``θ·(f·L/M − (f−1))^(d/(d−2))``. A pure function of
-    the length (the official module also keeps the rescaled base as state; we don't)."""
-    scaling = config.rope_scaling or {}
-    limit = config.max_position_embeddings
-    if scaling.get("type") != "dynamic" or seq_len <= limit:
-        return float(config.rope_theta)
-    factor = float(scaling.get("factor", 1.0))
-    dim = config.head_dim
-    return float(config.rope_theta) * ((factor * seq_len / limit) - (factor - 1)) ** (dim / (dim - 2))
-
-
-def rope_inv_freq(head_dim: int, base: float) -> paddle.Tensor:
-    """``1 / base^(arange(0, d, 2)/d)`` in float32, ``[d/2]``."""
-    exponents = paddle.arange(0, head_dim, 2, dtype="float32") / head_dim
-    return 1.0 / (paddle.full([], base, dtype="float32") ** exponents)
-
-
-def rotary_cos_sin(positions: paddle.Tensor, inv_freq: paddle.Tensor) -> Tuple[paddle.Tensor, paddle.Tensor]:
-    """``positions`` float32 ``[..., t]`` → ``cos, sin`` ``[..., t, d]`` (``emb = cat(f, f)``)."""
-    freqs = positions.unsqueeze(-1) * inv_freq
-    emb = paddle.concat([freqs, freqs], axis=-1)
-    return paddle.cos(emb), paddle.sin(emb)
-
-
-def apply_rotary(x: paddle.Tensor, cos: paddle.Tensor, sin: paddle.Tensor) -> paddle.Tensor:
-    """Rotate-half RoPE. ``x`` ``[b, t, h, d]``; ``cos``/``sin`` ``[t, d]`` or ``[b, t, d]``."""
-    if cos.ndim == 2:
-        cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)
-    cos, sin = cos.unsqueeze(2).astype(x.dtype), sin.unsqueeze(2).astype(x.dtype)
-    half = x.shape[-1] // 2
-    rotated = paddle.concat([-x[..., half:], x[..., :half]], axis=-1)
-    return x * cos + rotated * sin
-
-
 # --- attention ------------------------------------------------------------------------------
-def causal_mask(new_tokens: int, past: int, attention_mask: Optional[paddle.Tensor]) -> Optional[paddle.Tensor]:
-    """Additive float32 mask ``[b|1, 1, t, past + t]``: 0 where a query may attend, float32-min
-    elsewhere (as HF: a fully masked row stays finite instead of becoming NaN).
-
-    ``attention_mask`` ``[b, past + t]`` (1 = real token) adds padding. Returns ``None``
-    when nothing is masked (one new token, no padding), so decoding skips the add.
-    """
-    total = past + new_tokens
-    if attention_mask is None and new_tokens == 1:
+def causal_mask(new_tokens: int, past: int, key_length: int,
+                attention_mask: Optional[paddle.Tensor] = None) -> Optional[paddle.Tensor]:
+    """Additive float32 mask ``[b|1, t, key_length]``: 0 where query ``past + i`` may attend
+    key ``j`` (``j <= past + i`` and, with ``attention_mask`` ``[b, ≥ past + t]``, a real
+    token), float32-min elsewhere (as HF: a fully masked row stays finite). Keys past the
+    written ones (an unfilled cache tail) are in the future, hence masked. ``None`` when
+    nothing needs masking (one token attending exactly its prefix, no padding)."""
+    if attention_mask is None and new_tokens == 1 and key_length == past + 1:
         return None
-    keys = paddle.arange(total).unsqueeze(0)
-    queries = paddle.arange(past, total).unsqueeze(1)
+    keys = paddle.arange(key_length).unsqueeze(0)
+    queries = paddle.arange(past, past + new_tokens).unsqueeze(1)
     allowed = (keys <= queries).unsqueeze(0)  # [1, t, L]
     if attention_mask is not None:
-        allowed = paddle.logical_and(allowed, attention_mask.astype("bool").unsqueeze(1))
+        real = attention_mask.astype("bool")
+        if real.shape[1] < key_length:
+            real = paddle.concat([real, paddle.zeros([real.shape[0], key_length - real.shape[1]], "bool")], 1)
+        allowed = paddle.logical_and(allowed, real[:, :key_length].unsqueeze(1))
     zero = paddle.zeros([], dtype="float32")
     minimum = paddle.full([], paddle.finfo(paddle.float32).min, dtype="float32")
-    return paddle.where(allowed, zero, minimum).unsqueeze(1)
+    return paddle.where(allowed, zero, minimum)
 
 
-def grouped_attention(
-    q: paddle.Tensor, k: paddle.Tensor, v: paddle.Tensor, mask: Optional[paddle.Tensor]
-) -> paddle.Tensor:
+def grouped_attention(q: paddle.Tensor, k: paddle.Tensor, v: paddle.Tensor,
+                      mask: Optional[paddle.Tensor]) -> paddle.Tensor:
     """Softmax attention with grouped kv heads, without repeating k/v.
 
-    ``q`` ``[b, t, nh, d]``; ``k``, ``v`` ``[b, nkv, L, d]``; ``mask`` ``[b|1, 1, t, L]``.
-    Query head ``h`` uses kv head ``h // (nh/nkv)``. Scores and softmax in float32.
-    Returns ``[b, t, nh, d]``.
+    ``q`` ``[b, t, nkv, groups, d]`` (query head ``kv·groups + g``); ``k``, ``v``
+    ``[b, nkv, L, d]``; ``mask`` ``[b|1, t, L]`` additive. Softmax in float32.
+    Returns ``[b, t, nkv·groups·d]``.
     """
-    b, t, nh, d = q.shape
-    nkv, total = k.shape[1], k.shape[2]
-    groups = nh // nkv
-    qg = q.reshape([b, t, nkv, groups, d]).transpose([0, 2, 3, 1, 4]).reshape([b, nkv, groups * t, d])
-    scores = paddle.matmul(qg, k, transpose_y=True).astype("float32") * (1.0 / math.sqrt(d))
+    b, t, nkv, groups, d = q.shape
+    total = k.shape[2]
+    # the queries of one kv head side by side, rows ordered (group, position)
+    qg = q.reshape([b, nkv, groups, d]) if t == 1 else q.transpose([0, 2, 3, 1, 4]).reshape([b, nkv, groups * t, d])
+    scores = paddle.matmul(qg * (1.0 / math.sqrt(d)), k, transpose_y=True)
+    if scores.dtype != paddle.float32:
+        scores = scores.astype("float32")
     if mask is not None:
-        scores = scores.reshape([b, nkv, groups, t, total]) + mask.unsqueeze(1)
-        scores = scores.reshape([b, nkv, groups * t, total])
+        if mask.shape[0] == 1:  # a 3-D broadcast add; the 5-D one is several times slower
+            scores = (scores.reshape([b * nkv * groups, t, total]) + mask).reshape([b, nkv, groups * t, total])
+        else:
+            scores = (scores.reshape([b, nkv * groups, t, total]) + mask.unsqueeze(1)).reshape(
+                [b, nkv, groups * t, total])
     probs = F.softmax(scores, axis=-1).astype(v.dtype)
-    out = paddle.matmul(probs, v).reshape([b, nkv, groups, t, d])
-    return out.transpose([0, 3, 1, 2, 4]).reshape([b, t, nh, d])
+    out = paddle.matmul(probs, v)  # [b, nkv, groups * t, d]
+    if t == 1:
+        return out.reshape([b, 1, nkv * groups * d])
+    return out.reshape([b, nkv, groups, t, d]).transpose([0, 3, 1, 2, 4]).reshape([b, t, nkv * groups * d])
 
 
 class InternLM2Attention(nn.Layer):
@@ -138,24 +104,26 @@ class InternLM2Attention(nn.Layer):
     def forward(
         self,
         x: paddle.Tensor,
-        rope: Tuple[paddle.Tensor, paddle.Tensor],
+        rotary: Rotary,
         mask: Optional[paddle.Tensor],
         image_rows: Optional[ImageRows],
         cache: Optional[KVCache],
         layer_idx: int,
     ) -> paddle.Tensor:
         b, t, _ = x.shape
-        groups = self.num_heads // self.num_kv_heads
-        # Packed layout, per kv head: its `groups` query heads, then k, then v.
-        qkv = self.wqkv(x, image_rows).reshape([b, t, self.num_kv_heads, groups + 2, self.head_dim])
-        q = qkv[:, :, :, :groups].reshape([b, t, self.num_heads, self.head_dim])
-        k, v = qkv[:, :, :, groups], qkv[:, :, :, groups + 1]
-        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        k, v = k.transpose([0, 2, 1, 3]), v.transpose([0, 2, 1, 3])
+        groups, nkv, hd = self.num_heads // self.num_kv_heads, self.num_kv_heads, self.head_dim
+        # Packed layout, per kv head: its `groups` query heads, then k, then v. The query
+        # heads and k are adjacent, so one rotation covers both.
+        qkv = self.wqkv(x, image_rows).reshape([b, t, nkv, groups + 2, hd])
+        qk = rotary(qkv[:, :, :, : groups + 1])
+        q, k, v = qk[:, :, :, :groups], qk[:, :, :, groups], qkv[:, :, :, groups + 1]
+        if t == 1:
+            k, v = k.reshape([b, nkv, 1, hd]), v.reshape([b, nkv, 1, hd])
+        else:
+            k, v = k.transpose([0, 2, 1, 3]), v.transpose([0, 2, 1, 3])
         if cache is not None:
             k, v = cache.update(layer_idx, k, v)
-        out = grouped_attention(q, k, v, mask)
-        return self.wo(out.reshape([b, t, self.num_heads * self.head_dim]), image_rows)
+        return self.wo(grouped_attention(q, k, v, mask), image_rows)
 
 
 class InternLM2MLP(nn.Layer):
@@ -183,7 +151,7 @@ class InternLM2DecoderLayer(nn.Layer):
     def forward(
         self,
         x: paddle.Tensor,
-        rope: Tuple[paddle.Tensor, paddle.Tensor],
+        rope: Rotary,
         mask: Optional[paddle.Tensor],
         image_rows: Optional[ImageRows],
         cache: Optional[KVCache],
@@ -215,15 +183,6 @@ class InternLM2Model(nn.Layer):
             emb = paddle.where(is_pad, emb.detach(), emb)
         return emb
 
-    def rope(self, past: int, new_tokens: int, position_ids: Optional[paddle.Tensor]) -> Tuple[paddle.Tensor, paddle.Tensor]:
-        """cos/sin for this forward; the base depends on the total length ``past + t``."""
-        base = rope_base(self.config, past + new_tokens)
-        if position_ids is None:
-            positions = paddle.arange(past, past + new_tokens, dtype="float32")
-        else:
-            positions = position_ids.astype("float32")
-        return rotary_cos_sin(positions, rope_inv_freq(self.config.head_dim, base))
-
     def forward(
         self,
         inputs_embeds: paddle.Tensor,
@@ -239,8 +198,9 @@ class InternLM2Model(nn.Layer):
         past = cache.length if cache is not None else 0
         if cache is not None:
             cache.reserve(new_tokens)
-        rope = self.rope(past, new_tokens, position_ids)
-        mask = causal_mask(new_tokens, past, attention_mask)
+        rope = rotary_for(self.config, past, new_tokens, position_ids)
+        key_length = cache.capacity if cache is not None else new_tokens
+        mask = causal_mask(new_tokens, past, key_length, attention_mask)
         hidden: List[paddle.Tensor] = []
         x = inputs_embeds
         recompute_layers = self.enable_recompute and self.training

@@ -1,53 +1,67 @@
-"""An explicit, preallocated key/value cache passed through the decoder.
+"""An explicit key/value cache passed through the decoder.
 
-One buffer pair per layer, ``[batch, num_kv_heads, capacity, head_dim]``; a forward
-writes its new keys/values at ``[length, length + t)`` and reads ``[0, length + t)``.
-No per-step concatenation: decoding a token costs one slice write per layer.
+One buffer pair per layer, ``[batch, num_kv_heads, capacity, head_dim]``, with capacity
+grown in blocks of ``BLOCK`` positions. A forward writes its new keys/values at
+``[length, length + t)``; attention then reads the *whole* buffer (contiguous — a slice
+``[:, :, :length]`` is strided, and every matmul on it would copy it first) and the
+causal mask hides the positions not written yet.
 """
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import paddle
 
-__all__ = ["KVCache"]
+__all__ = ["KVCache", "BLOCK"]
+
+BLOCK = 128  # capacity granularity: at most BLOCK-1 unused positions are attended (masked)
+
+
+def _round_up(n: int) -> int:
+    return -(-n // BLOCK) * BLOCK
 
 
 class KVCache:
-    def __init__(
-        self, num_layers: int, batch_size: int, num_kv_heads: int, head_dim: int, capacity: int, dtype: str = "float32"
-    ) -> None:
-        shape = [batch_size, num_kv_heads, capacity, head_dim]
-        self.keys: List[paddle.Tensor] = [paddle.zeros(shape, dtype=dtype) for _ in range(num_layers)]
-        self.values: List[paddle.Tensor] = [paddle.zeros(shape, dtype=dtype) for _ in range(num_layers)]
-        self.length = 0  # tokens committed by completed forwards
-
-    @property
-    def capacity(self) -> int:
-        return self.keys[0].shape[2]
-
-    @property
-    def batch_size(self) -> int:
-        return self.keys[0].shape[0]
+    def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, head_dim: int,
+                 capacity: int = BLOCK, dtype: str = "float32") -> None:
+        self.num_layers, self.batch_size = num_layers, batch_size
+        self.num_kv_heads, self.head_dim, self.dtype = num_kv_heads, head_dim, dtype
+        self.capacity = _round_up(max(capacity, 1))
+        # allocated at the first write of each layer (by concatenation: a strided write of a
+        # whole prompt into a zero buffer costs ~8x more)
+        self.keys: List[Optional[paddle.Tensor]] = [None] * num_layers
+        self.values: List[Optional[paddle.Tensor]] = [None] * num_layers
+        self.length = 0  # positions committed by completed forwards
 
     def reserve(self, new_tokens: int) -> None:
-        """Make room for ``new_tokens`` more positions, growing (doubling) if needed."""
+        """Make room for ``new_tokens`` more positions (growing by whole blocks)."""
         needed = self.length + new_tokens
         if needed <= self.capacity:
             return
-        grow = max(needed, 2 * self.capacity) - self.capacity
+        grow = _round_up(needed) - self.capacity
         for store in (self.keys, self.values):
             for i, buf in enumerate(store):
-                pad = paddle.zeros([buf.shape[0], buf.shape[1], grow, buf.shape[3]], dtype=buf.dtype)
-                store[i] = paddle.concat([buf, pad], axis=2)
+                if buf is not None:
+                    store[i] = paddle.concat([buf, self._zeros(grow)], axis=2)
+        self.capacity += grow
+
+    def _zeros(self, positions: int) -> paddle.Tensor:
+        return paddle.zeros([self.batch_size, self.num_kv_heads, positions, self.head_dim], dtype=self.dtype)
 
     def update(self, layer: int, key: paddle.Tensor, value: paddle.Tensor) -> Tuple[paddle.Tensor, paddle.Tensor]:
-        """Store ``key``/``value`` ``[b, nkv, t, hd]`` after the committed prefix and return
-        the layer's keys/values so far ``[b, nkv, length + t, hd]``."""
-        end = self.length + key.shape[2]
-        self.keys[layer][:, :, self.length : end] = key
-        self.values[layer][:, :, self.length : end] = value
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+        """Store ``key``/``value`` ``[b, nkv, t, hd]`` after the committed prefix; return the
+        layer's whole buffers ``[b, nkv, capacity, hd]`` (unwritten positions are zeros the
+        causal mask hides)."""
+        t = key.shape[2]
+        if self.keys[layer] is None:
+            tail = self.capacity - self.length - t
+            head = [self._zeros(self.length)] if self.length else []
+            self.keys[layer] = paddle.concat(head + [key.astype(self.dtype), self._zeros(tail)], axis=2)
+            self.values[layer] = paddle.concat(head + [value.astype(self.dtype), self._zeros(tail)], axis=2)
+        else:
+            self.keys[layer][:, :, self.length : self.length + t] = key
+            self.values[layer][:, :, self.length : self.length + t] = value
+        return self.keys[layer], self.values[layer]
 
     def commit(self, new_tokens: int) -> None:
         """Called once per forward, after every layer wrote ``new_tokens`` positions."""
@@ -57,4 +71,6 @@ class KVCache:
         """Keep only batch rows ``rows`` (e.g. to drop finished sequences)."""
         for store in (self.keys, self.values):
             for i, buf in enumerate(store):
-                store[i] = paddle.gather(buf, rows, axis=0)
+                if buf is not None:
+                    store[i] = paddle.gather(buf, rows, axis=0)
+        self.batch_size = int(rows.shape[0])

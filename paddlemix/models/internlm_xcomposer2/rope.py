@@ -1,0 +1,99 @@
+"""Rotary position embedding (rotate-half, InternLM2) with dynamic NTK scaling.
+
+Computed once per forward for all layers; applied to the query heads and the key head of
+each kv group together (they are adjacent in the packed Wqkv output). For a single new
+token the rotation is one ``[d, d]`` matrix per row, so decoding rotates with one matmul
+instead of the seven elementwise ops of rotate-half.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import paddle
+
+__all__ = ["rope_base", "rope_inv_freq", "rotary_cos_sin", "apply_rotary", "Rotary", "rotary_for"]
+
+
+def rope_base(config, seq_len: int) -> float:
+    """RoPE base for a sequence of ``seq_len`` tokens: dynamic NTK rescales it past
+    ``max_position_embeddings`` M: ``θ·(f·L/M − (f−1))^(d/(d−2))``. A pure function of
+    the length (the official module also keeps the rescaled base as state; we don't)."""
+    scaling = config.rope_scaling or {}
+    limit = config.max_position_embeddings
+    if scaling.get("type") != "dynamic" or seq_len <= limit:
+        return float(config.rope_theta)
+    factor = float(scaling.get("factor", 1.0))
+    dim = config.head_dim
+    return float(config.rope_theta) * ((factor * seq_len / limit) - (factor - 1)) ** (dim / (dim - 2))
+
+
+def rope_inv_freq(head_dim: int, base: float) -> paddle.Tensor:
+    """``1 / base^(arange(0, d, 2)/d)`` in float32, ``[d/2]``."""
+    exponents = paddle.arange(0, head_dim, 2, dtype="float32") / head_dim
+    return 1.0 / (paddle.full([], base, dtype="float32") ** exponents)
+
+
+def rotary_cos_sin(positions: paddle.Tensor, inv_freq: paddle.Tensor):
+    """``positions`` float32 ``[..., t]`` → ``cos, sin`` ``[..., t, d]`` (``emb = cat(f, f)``)."""
+    freqs = positions.unsqueeze(-1) * inv_freq
+    emb = paddle.concat([freqs, freqs], axis=-1)
+    return paddle.cos(emb), paddle.sin(emb)
+
+
+def apply_rotary(x: paddle.Tensor, cos: paddle.Tensor, sin: paddle.Tensor) -> paddle.Tensor:
+    """Rotate-half RoPE: ``x * cos + rotate_half(x) * sin``; ``cos``/``sin`` broadcast to ``x``
+    (their last axis is ``d``)."""
+    half = x.shape[-1] // 2
+    rotated = paddle.concat([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos.astype(x.dtype) + rotated * sin.astype(x.dtype)
+
+
+@functools.lru_cache(maxsize=8)
+def _rotate_half_matrix(d: int) -> np.ndarray:
+    """``M`` with ``x @ M == concat(-x[d/2:], x[:d/2])``."""
+    half = d // 2
+    m = np.zeros((d, d), dtype=np.float32)
+    m[np.arange(half) + half, np.arange(half)] = -1.0
+    m[np.arange(half), np.arange(half) + half] = 1.0
+    return m
+
+
+def _rotation_matrix(cos: paddle.Tensor, sin: paddle.Tensor) -> paddle.Tensor:
+    """``R`` with ``x @ R == apply_rotary(x, cos, sin)`` for one position: ``cos``/``sin``
+    ``[..., d]`` → ``[..., d, d]``: ``R = diag(cos) + M·diag(sin)``, ``M`` = rotate-half."""
+    d = cos.shape[-1]
+    eye = paddle.eye(d, dtype="float32")
+    return eye * cos.unsqueeze(-2) + paddle.to_tensor(_rotate_half_matrix(d)) * sin.unsqueeze(-2)
+
+
+@dataclass
+class Rotary:
+    """The rotation of one forward: elementwise tables ``cos``/``sin`` ``[b|1, t, 1, 1, d]``
+    (prefill, training), or one matrix per row ``[b|1, 1, 1, d, d]`` (a single new token)."""
+
+    cos: Optional[paddle.Tensor] = None
+    sin: Optional[paddle.Tensor] = None
+    matrix: Optional[paddle.Tensor] = None
+
+    def __call__(self, x: paddle.Tensor) -> paddle.Tensor:
+        """Rotate ``x`` ``[b, t, nkv, heads, d]``."""
+        if self.matrix is not None:
+            return paddle.matmul(x, self.matrix.astype(x.dtype))
+        return apply_rotary(x, self.cos, self.sin)
+
+
+def rotary_for(config, past: int, new_tokens: int, position_ids: Optional[paddle.Tensor]) -> Rotary:
+    """The rotation for positions ``past .. past+t-1`` (or ``position_ids`` ``[b, t]``); the
+    base depends on the total length ``past + t`` (dynamic NTK)."""
+    inv_freq = rope_inv_freq(config.head_dim, rope_base(config, past + new_tokens))
+    if position_ids is None:
+        positions = paddle.arange(past, past + new_tokens, dtype="float32").unsqueeze(0)
+    else:
+        positions = position_ids.astype("float32")
+    cos, sin = rotary_cos_sin(positions, inv_freq)  # [b|1, t, d]
+    if new_tokens == 1:
+        return Rotary(matrix=_rotation_matrix(cos, sin).reshape([cos.shape[0], 1, 1, cos.shape[-1], cos.shape[-1]]))
+    return Rotary(cos=cos.unsqueeze([2, 3]), sin=sin.unsqueeze([2, 3]))
