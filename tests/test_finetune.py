@@ -305,3 +305,14 @@ def test_cli_bad_data_is_one_error_line(tiny_model_dir, data_dir, tmp_path):
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "missing.png" in errors[0] and "train.json" in errors[0] and "'x'" in errors[0]
     assert "Traceback" not in result.stderr
+
+
+def test_eval_with_do_generation_reports_accuracy(tiny_model_dir, data_dir, tmp_path):
+    from paddlemix.finetune.run import run_sft
+
+    args = parse_arguments([str(CONFIGS / "sft_argument.json")] + _common(tiny_model_dir, data_dir, tmp_path / "o", 2) +
+                           ["--do_eval", "true", "--eval_with_do_generation", "true", "--save_steps", "1000"])
+    metrics = run_sft(*args)
+    assert "eval_loss" in metrics and 0.0 <= metrics["eval_generation_accuracy"] <= 1.0
+    saved = json.loads((tmp_path / "o" / "sft_metrics.json").read_text())
+    assert saved["eval_generation_accuracy"] == metrics["eval_generation_accuracy"]

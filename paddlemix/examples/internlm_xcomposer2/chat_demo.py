@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sample (official default); --no-do_sample for greedy decoding")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top_p", type=float, default=0.8)
-    p.add_argument("--top_k", type=int, help="default: no top-k filtering")
+    p.add_argument("--top_k", type=int, help="keep the k best tokens when sampling (default 50, as the official "
+                   "generate; 0 disables)")
     p.add_argument("--repetition_penalty", type=float, default=1.005)
     p.add_argument("--seed", type=int, help="seed of each generation (reproducible sampling)")
     p.add_argument("--meta_instruction", help="system prompt (default: the official one; '' for none)")
