@@ -20,7 +20,9 @@ from .kv_cache import KVCache
 from .plora import ImageRows, PLoRALinear
 from .rope import Rotary, rotary_for
 
-__all__ = ["RMSNorm", "causal_mask", "grouped_attention", "InternLM2Model"]
+__all__ = ["RMSNorm", "causal_mask", "expand_mask", "grouped_attention", "InternLM2Model"]
+
+MASK_EXPAND_LIMIT = 16 * 1024**2  # elements (64 MB in float32) of an expanded mask / rotary table
 
 
 class RMSNorm(nn.Layer):
@@ -62,12 +64,21 @@ def causal_mask(new_tokens: int, past: int, key_length: int,
     return paddle.where(allowed, zero, minimum)
 
 
+def expand_mask(mask: Optional[paddle.Tensor], batch: int, heads: int) -> Optional[paddle.Tensor]:
+    """``[1, t, L]`` → ``[batch·heads, t, L]`` once per forward, for a same-shape add in every
+    layer — unless that copy would be large (long training sequences), then left as is."""
+    if mask is None or mask.shape[0] != 1 or batch * heads * mask.shape[1] * mask.shape[2] > MASK_EXPAND_LIMIT:
+        return mask
+    return mask.expand([batch * heads, mask.shape[1], mask.shape[2]])
+
+
 def grouped_attention(q: paddle.Tensor, k: paddle.Tensor, v: paddle.Tensor,
                       mask: Optional[paddle.Tensor]) -> paddle.Tensor:
     """Softmax attention with grouped kv heads, without repeating k/v.
 
     ``q`` ``[b, t, nkv, groups, d]`` (query head ``kv·groups + g``); ``k``, ``v``
-    ``[b, nkv, L, d]``; ``mask`` ``[b|1, t, L]`` additive. Softmax in float32.
+    ``[b, nkv, L, d]``; ``mask`` additive, ``[b, t, L]`` or already expanded to every head
+    ``[b·nkv·groups, t, L]`` (:func:`expand_mask`). Softmax in float32.
     Returns ``[b, t, nkv·groups·d]``.
     """
     b, t, nkv, groups, d = q.shape
@@ -78,11 +89,15 @@ def grouped_attention(q: paddle.Tensor, k: paddle.Tensor, v: paddle.Tensor,
     if scores.dtype != paddle.float32:
         scores = scores.astype("float32")
     if mask is not None:
-        if mask.shape[0] == 1:  # a 3-D broadcast add; the 5-D one is several times slower
-            scores = (scores.reshape([b * nkv * groups, t, total]) + mask).reshape([b, nkv, groups * t, total])
+        # same-shape add when the caller expanded the mask (Paddle's CPU broadcast add is
+        # ~8x slower), in place when no gradient is needed
+        if mask.shape[0] == b * nkv * groups:
+            flat = scores.reshape([b * nkv * groups, t, total])
         else:
-            scores = (scores.reshape([b, nkv * groups, t, total]) + mask.unsqueeze(1)).reshape(
-                [b, nkv, groups * t, total])
+            flat = scores.reshape([b, nkv * groups, t, total])
+            mask = mask.unsqueeze(1)
+        flat = flat.add_(mask) if not paddle.is_grad_enabled() else flat + mask
+        scores = flat.reshape([b, nkv, groups * t, total])
     probs = F.softmax(scores, axis=-1).astype(v.dtype)
     out = paddle.matmul(probs, v)  # [b, nkv, groups * t, d]
     if t == 1:
@@ -198,9 +213,13 @@ class InternLM2Model(nn.Layer):
         past = cache.length if cache is not None else 0
         if cache is not None:
             cache.reserve(new_tokens)
-        rope = rotary_for(self.config, past, new_tokens, position_ids)
-        key_length = cache.capacity if cache is not None else new_tokens
-        mask = causal_mask(new_tokens, past, key_length, attention_mask)
+        cfg = self.config
+        qk_shape = [inputs_embeds.shape[0], new_tokens, cfg.num_key_value_heads,
+                    cfg.num_attention_heads // cfg.num_key_value_heads + 1, cfg.head_dim]
+        rope = rotary_for(cfg, past, new_tokens, position_ids).expanded(qk_shape, MASK_EXPAND_LIMIT)
+        key_length = cache.key_length(new_tokens) if cache is not None else new_tokens
+        mask = expand_mask(causal_mask(new_tokens, past, key_length, attention_mask), inputs_embeds.shape[0],
+                           self.config.num_attention_heads)
         hidden: List[paddle.Tensor] = []
         x = inputs_embeds
         recompute_layers = self.enable_recompute and self.training

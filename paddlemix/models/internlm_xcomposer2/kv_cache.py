@@ -49,19 +49,28 @@ class KVCache:
         return paddle.zeros([self.batch_size, self.num_kv_heads, positions, self.head_dim], dtype=self.dtype)
 
     def update(self, layer: int, key: paddle.Tensor, value: paddle.Tensor) -> Tuple[paddle.Tensor, paddle.Tensor]:
-        """Store ``key``/``value`` ``[b, nkv, t, hd]`` after the committed prefix; return the
-        layer's whole buffers ``[b, nkv, capacity, hd]`` (unwritten positions are zeros the
-        causal mask hides)."""
+        """Store ``key``/``value`` ``[b, nkv, t, hd]`` after the committed prefix; return what
+        attention must read: the layer's whole buffers ``[b, nkv, capacity, hd]`` (unwritten
+        positions are zeros the causal mask hides), or, for the first forward (nothing
+        cached before), just ``key``/``value`` themselves (see ``key_length``)."""
         t = key.shape[2]
         if self.keys[layer] is None:
             tail = self.capacity - self.length - t
             head = [self._zeros(self.length)] if self.length else []
             self.keys[layer] = paddle.concat(head + [key.astype(self.dtype), self._zeros(tail)], axis=2)
             self.values[layer] = paddle.concat(head + [value.astype(self.dtype), self._zeros(tail)], axis=2)
+            if not self.length:
+                return key, value
         else:
             self.keys[layer][:, :, self.length : self.length + t] = key
             self.values[layer][:, :, self.length : self.length + t] = value
         return self.keys[layer], self.values[layer]
+
+    def key_length(self, new_tokens: int) -> int:
+        """How many keys attention sees in the coming forward of ``new_tokens`` tokens: the new
+        ones only on the first forward (no padding columns in a long prefill), else the
+        whole buffer."""
+        return new_tokens if self.length == 0 else self.capacity
 
     def commit(self, new_tokens: int) -> None:
         """Called once per forward, after every layer wrote ``new_tokens`` positions."""
