@@ -64,42 +64,47 @@ def causal_mask(new_tokens: int, past: int, key_length: int,
     return paddle.where(allowed, zero, minimum)
 
 
-def expand_mask(mask: Optional[paddle.Tensor], batch: int, heads: int) -> Optional[paddle.Tensor]:
-    """``[1, t, L]`` → ``[batch·heads, t, L]`` once per forward, for a same-shape add in every
-    layer — unless that copy would be large (long training sequences), then left as is."""
-    if mask is None or mask.shape[0] != 1 or batch * heads * mask.shape[1] * mask.shape[2] > MASK_EXPAND_LIMIT:
+def expand_mask(mask: Optional[paddle.Tensor], batch: int, kv_heads: int, groups: int) -> Optional[paddle.Tensor]:
+    """``[1, t, L]`` → the scores' own shape ``[b, nkv, groups·t, L]`` (rows ordered group,
+    position), once per forward, so every layer adds it without broadcasting (Paddle's CPU
+    broadcast add is ~8x slower) — unless that copy would be large (long training sequences)."""
+    if mask is None or mask.shape[0] != 1:
         return mask
-    return mask.expand([batch * heads, mask.shape[1], mask.shape[2]])
+    t, total = mask.shape[1], mask.shape[2]
+    if batch * kv_heads * groups * t * total > MASK_EXPAND_LIMIT:
+        return mask
+    return mask.reshape([1, 1, 1, t, total]).expand([batch, kv_heads, groups, t, total]).reshape(
+        [batch, kv_heads, groups * t, total])
 
 
-def grouped_attention(q: paddle.Tensor, k: paddle.Tensor, v: paddle.Tensor,
-                      mask: Optional[paddle.Tensor]) -> paddle.Tensor:
+def grouped_attention(q: paddle.Tensor, k: paddle.Tensor, v: paddle.Tensor, mask: Optional[paddle.Tensor],
+                      scale: Optional[float] = None) -> paddle.Tensor:
     """Softmax attention with grouped kv heads, without repeating k/v.
 
     ``q`` ``[b, t, nkv, groups, d]`` (query head ``kv·groups + g``); ``k``, ``v``
-    ``[b, nkv, L, d]``; ``mask`` additive, ``[b, t, L]`` or already expanded to every head
-    ``[b·nkv·groups, t, L]`` (:func:`expand_mask`). Softmax in float32.
+    ``[b, nkv, L, d]``; ``mask`` additive, ``[b|1, t, L]`` or already in the scores' shape
+    ``[b, nkv, groups·t, L]`` (:func:`expand_mask`). ``scale`` multiplies q·k (default
+    ``1/sqrt(d)``; pass 1.0 when q and k were pre-scaled). Softmax in float32.
     Returns ``[b, t, nkv·groups·d]``.
     """
     b, t, nkv, groups, d = q.shape
     total = k.shape[2]
     # the queries of one kv head side by side, rows ordered (group, position)
     qg = q.reshape([b, nkv, groups, d]) if t == 1 else q.transpose([0, 2, 3, 1, 4]).reshape([b, nkv, groups * t, d])
-    scores = paddle.matmul(qg * (1.0 / math.sqrt(d)), k, transpose_y=True)
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    scores = paddle.matmul(qg if scale == 1.0 else qg * scale, k, transpose_y=True)
     if scores.dtype != paddle.float32:
         scores = scores.astype("float32")
     if mask is not None:
-        # same-shape add when the caller expanded the mask (Paddle's CPU broadcast add is
-        # ~8x slower), in place when no gradient is needed
-        if mask.shape[0] == b * nkv * groups:
-            flat = scores.reshape([b * nkv * groups, t, total])
+        if mask.ndim == 3:  # not expanded: broadcast over the heads
+            mask = mask.unsqueeze(1) if mask.shape[0] == b and b > 1 else mask
+            scores = (scores.reshape([b, nkv * groups, t, total]) + mask).reshape([b, nkv, groups * t, total])
+        elif paddle.is_grad_enabled():
+            scores = scores + mask
         else:
-            flat = scores.reshape([b, nkv * groups, t, total])
-            mask = mask.unsqueeze(1)
-        flat = flat.add_(mask) if not paddle.is_grad_enabled() else flat + mask
-        scores = flat.reshape([b, nkv, groups * t, total])
-    probs = F.softmax(scores, axis=-1).astype(v.dtype)
-    out = paddle.matmul(probs, v)  # [b, nkv, groups * t, d]
+            scores.add_(mask)  # in place: no new [heads, t, L] tensor in a long prefill
+    probs = F.softmax(scores, axis=-1)
+    out = paddle.matmul(probs if probs.dtype == v.dtype else probs.astype(v.dtype), v)  # [b, nkv, groups*t, d]
     if t == 1:
         return out.reshape([b, 1, nkv * groups * d])
     return out.reshape([b, nkv, groups, t, d]).transpose([0, 3, 1, 2, 4]).reshape([b, t, nkv * groups * d])
@@ -138,7 +143,7 @@ class InternLM2Attention(nn.Layer):
             k, v = k.transpose([0, 2, 1, 3]), v.transpose([0, 2, 1, 3])
         if cache is not None:
             k, v = cache.update(layer_idx, k, v)
-        return self.wo(grouped_attention(q, k, v, mask), image_rows)
+        return self.wo(grouped_attention(q, k, v, mask, scale=1.0), image_rows)  # pre-scaled by the rotation
 
 
 class InternLM2MLP(nn.Layer):
@@ -216,10 +221,13 @@ class InternLM2Model(nn.Layer):
         cfg = self.config
         qk_shape = [inputs_embeds.shape[0], new_tokens, cfg.num_key_value_heads,
                     cfg.num_attention_heads // cfg.num_key_value_heads + 1, cfg.head_dim]
-        rope = rotary_for(cfg, past, new_tokens, position_ids).expanded(qk_shape, MASK_EXPAND_LIMIT)
+        # q and k both scaled by d^-1/4 inside the rotation: their product carries the 1/sqrt(d)
+        # of attention, so no layer spends an op on it (the cache holds the scaled keys)
+        rope = rotary_for(cfg, past, new_tokens, position_ids, scale=cfg.head_dim**-0.25).expanded(
+            qk_shape, MASK_EXPAND_LIMIT)
         key_length = cache.key_length(new_tokens) if cache is not None else new_tokens
         mask = expand_mask(causal_mask(new_tokens, past, key_length, attention_mask), inputs_embeds.shape[0],
-                           self.config.num_attention_heads)
+                           cfg.num_key_value_heads, cfg.num_attention_heads // cfg.num_key_value_heads)
         hidden: List[paddle.Tensor] = []
         x = inputs_embeds
         recompute_layers = self.enable_recompute and self.training

@@ -93,15 +93,19 @@ class Rotary:
         return Rotary(cos=self.cos.expand(shape), sin=self.sin.expand(shape))
 
 
-def rotary_for(config, past: int, new_tokens: int, position_ids: Optional[paddle.Tensor]) -> Rotary:
+def rotary_for(config, past: int, new_tokens: int, position_ids: Optional[paddle.Tensor],
+               scale: float = 1.0) -> Rotary:
     """The rotation for positions ``past .. past+t-1`` (or ``position_ids`` ``[b, t]``); the
-    base depends on the total length ``past + t`` (dynamic NTK)."""
+    base depends on the total length ``past + t`` (dynamic NTK). ``scale`` multiplies the
+    rotated vectors (a free way to fold a constant factor into q and k)."""
     inv_freq = rope_inv_freq(config.head_dim, rope_base(config, past + new_tokens))
     if position_ids is None:
         positions = paddle.arange(past, past + new_tokens, dtype="float32").unsqueeze(0)
     else:
         positions = position_ids.astype("float32")
     cos, sin = rotary_cos_sin(positions, inv_freq)  # [b|1, t, d]
+    if scale != 1.0:
+        cos, sin = cos * scale, sin * scale
     if new_tokens == 1:
         return Rotary(matrix=_rotation_matrix(cos, sin).reshape([cos.shape[0], 1, 1, cos.shape[-1], cos.shape[-1]]))
     return Rotary(cos=cos.unsqueeze([2, 3]), sin=sin.unsqueeze([2, 3]))
