@@ -36,6 +36,8 @@ setup(
     # and a hard requirement on "paddlepaddle" would pull the CPU build over it.
     extras_require={"cpu": ["paddlepaddle>=3.1"], "test": ["pytest>=8"]},
     entry_points={
-        "console_scripts": [],
+        "console_scripts": [
+            "paddlemix-ixc2-quickstart = paddlemix.examples.internlm_xcomposer2.quickstart:main",
+        ],
     },
 )

@@ -1,16 +1,22 @@
 """A tiny synthetic visual-question dataset: coloured shapes on a grid, questions read off the image.
 
-Used by the quickstart so a model can be fine-tuned and checked offline, in minutes, on a CPU. Every
-answer depends on the image only (never on the question alone beyond the chance level), so a held-out
-accuracy far above chance shows that the whole vision → projector → language path learned.
+Used by the quickstart so that a model can be fine-tuned and checked offline, in minutes, on a CPU. No
+answer can be told from the question alone better than chance, so a held-out accuracy far above chance
+shows that the whole vision → projector → language path learned.
 
-Each scene puts shapes (circle, square, triangle) of a few colours into the cells of a ``GRID`` × ``GRID``
-grid, one shape per cell, a cell being one ViT patch: shape identity and colour live in one image token.
-Three question types::
+A scene puts 1-6 shapes (circle, square, triangle; red, green, blue) into the cells of a ``GRID`` × ``GRID``
+grid, one shape per cell, one cell per ViT patch. Three question types, each about a named shape among
+others, so the model must bind the name to the right shape::
 
-    colour    What colour is the circle?                 red / green / blue
-    count     How many squares are there?                1 / 2 / 3 / 4
-    position  Is the triangle left or right of the square?   left / right
+    colour   What colour is the circle?     circle red        (the colour of the one circle)
+    shape    Which shape is blue?           blue square       (the kind of the one blue shape)
+    count    How many squares are there?    square three      (1-4 squares among other shapes)
+
+Answers name the object, then the value: the value is then predicted right after a token that says what
+to look for, a lookup a small model learns within ~100 steps. A bare "red", predicted where the prompt
+ends, first needs the question's object carried there: measured, the same model stays at chance on that
+for 1000+ steps. Left/right questions were dropped for the same reason: with a randomly initialised ViT,
+position is learned far more slowly than colour and kind (~65 % after 200 steps).
 
 The files are exactly what users write for ``chatml_dataset``: ``train.json`` and ``eval.json`` (lists
 of ``{"id", "conversations": [[question, answer]]}`` with ``<img>images/NAME.png</img>`` in the question,
@@ -26,29 +32,30 @@ from typing import Dict, List, Sequence, Tuple
 
 from PIL import Image, ImageDraw
 
-__all__ = ["COLOURS", "KINDS", "QUESTION_TYPES", "Shape", "Scene", "Example", "make_examples", "write_dataset",
-           "question_type", "answer_set", "chance_levels"]
+__all__ = ["COLOURS", "KINDS", "QUESTION_TYPES", "Shape", "Scene", "Example", "make_examples", "render",
+           "write_dataset", "question_type", "value_set", "chance_levels"]
 
 COLOURS: Dict[str, Tuple[int, int, int]] = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 230)}
 KINDS = ("circle", "square", "triangle")
-PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles"}
+NUMBERS = ("one", "two", "three", "four")  # counts, as words: one token each (a digit after a space is two)
 GRID = 4  # cells per side; the image is GRID * CELL pixels square
 CELL = 14  # pixels per cell = the ViT patch size, so one shape is one image token
 MARGIN = 2  # pixels between a shape and its cell border
-BACKGROUND = (255, 255, 255)
-MAX_COUNT = 4  # counts asked about are 1..MAX_COUNT
-MAX_DISTRACTORS = 2  # other shapes added to count and position scenes
-MAX_TRIES = 1000  # draws allowed per example to find a scene not seen before
+# The CLIP normalisation mean: an empty patch is ~0 once normalised, so even a randomly initialised ViT
+# sets shapes apart (on white, the background dominates every patch and nothing is learned for minutes).
+BACKGROUND = (123, 117, 104)
+OUTLINE = (0, 0, 0)  # the same for every fill colour: the kind shows in pixels that do not depend on colour
+MAX_DISTRACTORS = 2  # shapes of other kinds added to a count scene
+MAX_TRIES = 1000  # draws allowed per example to find a (scene, question) not used before
 IMAGE_DIR = "images"
 TRAIN_FILE, EVAL_FILE = "train.json", "eval.json"
 
-TEMPLATES = {
-    "colour": "What colour is the {kind}?",
-    "count": "How many {plural} are there?",
-    "position": "Is the {kind} left or right of the {other}?",
+TEMPLATES = {  # question, answer; {key} is named in the question, {value} read off the image
+    "colour": ("What colour is the {key}?", "{key} {value}"),
+    "shape": ("Which shape is {key}?", "{key} {value}"),
+    "count": ("How many {key}s are there?", "{key} {value}"),
 }
 QUESTION_TYPES = tuple(TEMPLATES)
-_PREFIXES = {"colour": "What colour", "count": "How many", "position": "Is the"}
 
 
 @dataclass(frozen=True)
@@ -71,22 +78,21 @@ class Example:
     answer: str
 
 
-def answer_set(qtype: str) -> List[str]:
-    """Every answer a question of ``qtype`` can have."""
-    return {"colour": list(COLOURS), "count": [str(n) for n in range(1, MAX_COUNT + 1)],
-            "position": ["left", "right"]}[qtype]
+def value_set(qtype: str) -> List[str]:
+    """Every value an answer of ``qtype`` can end with (its first word is copied from the question)."""
+    return {"colour": list(COLOURS), "shape": list(KINDS), "count": list(NUMBERS)}[qtype]
 
 
 def chance_levels() -> Dict[str, float]:
-    """Accuracy of a uniform guess among the possible answers, per question type."""
-    return {qtype: 1.0 / len(answer_set(qtype)) for qtype in QUESTION_TYPES}
+    """Accuracy of a uniform guess among the possible values, per question type."""
+    return {qtype: 1.0 / len(value_set(qtype)) for qtype in QUESTION_TYPES}
 
 
 def question_type(question: str) -> str:
-    """The type of a question as written by :func:`make_examples` (image tags allowed anywhere)."""
+    """The type of a question written by :func:`make_examples` (image tags or ``<ImageHere>`` allowed)."""
     text = question.split(">")[-1].strip()
-    for qtype, prefix in _PREFIXES.items():
-        if text.startswith(prefix):
+    for qtype, (template, _) in TEMPLATES.items():
+        if text.startswith(template.split("{")[0]):
             return qtype
     raise ValueError(f"not a shapes question: {question!r}")
 
@@ -95,42 +101,45 @@ def _cells(rng: random.Random, count: int) -> List[Tuple[int, int]]:
     return rng.sample([(c, r) for c in range(GRID) for r in range(GRID)], count)
 
 
+def _example(qtype: str, shapes: Sequence[Shape], key: str, value: str) -> Example:
+    question, answer = TEMPLATES[qtype]
+    return Example(Scene(tuple(shapes)), qtype, question.format(key=key), answer.format(key=key, value=value))
+
+
+def _distinct_shapes(rng: random.Random) -> List[Shape]:
+    """2-3 shapes, no two of the same kind or colour: a colour names one shape and a kind names one."""
+    count = rng.randint(2, len(KINDS))
+    kinds, colours = rng.sample(KINDS, count), rng.sample(list(COLOURS), count)
+    return [Shape(k, c, cell) for k, c, cell in zip(kinds, colours, _cells(rng, count))]
+
+
 def _colour_example(rng: random.Random) -> Example:
-    """2-3 shapes of different kinds: the asked kind is unique, its colour must be bound to it."""
-    kinds = rng.sample(KINDS, rng.randint(2, len(KINDS)))
-    shapes = tuple(Shape(k, rng.choice(list(COLOURS)), cell) for k, cell in zip(kinds, _cells(rng, len(kinds))))
-    target = rng.choice(shapes)
-    return Example(Scene(shapes), "colour", TEMPLATES["colour"].format(kind=target.kind), target.colour)
+    """The colour must be bound to the asked kind. Colours are distinct: with shared ones, "a colour in
+    the image" is often right, a shortcut that stalls learning."""
+    shapes = _distinct_shapes(rng)
+    return _example("colour", shapes, shapes[0].kind, shapes[0].colour)
+
+
+def _shape_example(rng: random.Random) -> Example:
+    """The kind must be bound to the asked colour."""
+    shapes = _distinct_shapes(rng)
+    return _example("shape", shapes, shapes[0].colour, shapes[0].kind)
 
 
 def _count_example(rng: random.Random) -> Example:
-    """1-4 shapes of the asked kind among up to ``MAX_DISTRACTORS`` of other kinds."""
-    kind, count = rng.choice(KINDS), rng.randint(1, MAX_COUNT)
-    others = [rng.choice([k for k in KINDS if k != kind]) for _ in range(rng.randint(0, MAX_DISTRACTORS))]
-    kinds = [kind] * count + others
-    shapes = tuple(Shape(k, rng.choice(list(COLOURS)), cell) for k, cell in zip(kinds, _cells(rng, len(kinds))))
-    return Example(Scene(shapes), "count", TEMPLATES["count"].format(plural=PLURALS[kind]), str(count))
+    """1-4 shapes of the asked kind among up to ``MAX_DISTRACTORS`` of other kinds, any colours."""
+    kind, count = rng.choice(KINDS), rng.randint(1, len(NUMBERS))
+    kinds = [kind] * count + [rng.choice([k for k in KINDS if k != kind]) for _ in range(rng.randint(0, MAX_DISTRACTORS))]
+    shapes = [Shape(k, rng.choice(list(COLOURS)), cell) for k, cell in zip(kinds, _cells(rng, len(kinds)))]
+    return _example("count", shapes, kind, NUMBERS[count - 1])
 
 
-def _position_example(rng: random.Random) -> Example:
-    """Two shapes of different kinds in different columns, plus maybe one of the third kind."""
-    kind, other = rng.sample(KINDS, 2)
-    rest = [k for k in KINDS if k not in (kind, other)]
-    extra = rest[:rng.randint(0, min(1, len(rest)))]
-    cells = _cells(rng, 2 + len(extra))
-    while cells[0][0] == cells[1][0]:  # same column: left/right would be undefined
-        cells = _cells(rng, 2 + len(extra))
-    shapes = tuple(Shape(k, rng.choice(list(COLOURS)), c) for k, c in zip([kind, other] + extra, cells))
-    answer = "left" if cells[0][0] < cells[1][0] else "right"
-    return Example(Scene(shapes), "position", TEMPLATES["position"].format(kind=kind, other=other), answer)
-
-
-_MAKERS = {"colour": _colour_example, "count": _count_example, "position": _position_example}
+_MAKERS = {"colour": _colour_example, "shape": _shape_example, "count": _count_example}
 
 
 def make_examples(seed: int, num_train: int, num_eval: int) -> Tuple[List[Example], List[Example]]:
-    """Train and held-out examples, question types in turn, no (scene, question) pair in both splits
-    (nor twice in one). The training examples do not depend on ``num_eval``."""
+    """Train and held-out examples, question types in turn; no (scene, question) pair is used twice, so
+    the held-out questions are new to the model. The training examples do not depend on ``num_eval``."""
     rng, seen = random.Random(seed), set()
     splits: List[List[Example]] = [[], []]
     for split, size in enumerate((num_train, num_eval)):
@@ -142,7 +151,7 @@ def make_examples(seed: int, num_train: int, num_eval: int) -> Tuple[List[Exampl
                 if key not in seen:
                     break
             else:
-                raise ValueError(f"could not find {size} distinct {qtype} scenes; ask for fewer examples")
+                raise ValueError(f"could not find {size} distinct {qtype} questions; ask for fewer examples")
             seen.add(key)
             splits[split].append(example)
     return splits[0], splits[1]
@@ -151,13 +160,13 @@ def make_examples(seed: int, num_train: int, num_eval: int) -> Tuple[List[Exampl
 def _draw_shape(draw: ImageDraw.ImageDraw, shape: Shape) -> None:
     left, top = shape.cell[0] * CELL + MARGIN, shape.cell[1] * CELL + MARGIN
     right, bottom = (shape.cell[0] + 1) * CELL - MARGIN - 1, (shape.cell[1] + 1) * CELL - MARGIN - 1
-    fill = COLOURS[shape.colour]
+    style = dict(fill=COLOURS[shape.colour], outline=OUTLINE)
     if shape.kind == "circle":
-        draw.ellipse([left, top, right, bottom], fill=fill)
+        draw.ellipse([left, top, right, bottom], **style)
     elif shape.kind == "square":
-        draw.rectangle([left, top, right, bottom], fill=fill)
+        draw.rectangle([left, top, right, bottom], **style)
     else:
-        draw.polygon([((left + right) / 2, top), (right, bottom), (left, bottom)], fill=fill)
+        draw.polygon([((left + right) / 2, top), (right, bottom), (left, bottom)], **style)
 
 
 def render(scene: Scene) -> Image.Image:
