@@ -274,8 +274,11 @@ def test_two_processes_data_parallel(tiny_model_dir, data_dir, tmp_path):
     args = ["--nproc_per_node", "2", "--log_dir", str(tmp_path / "logs"), str(SFT),
             str(CONFIGS / "sft_argument.json")] + _common(tiny_model_dir, data_dir, tmp_path / "out", 2) + [
         "--per_device_train_batch_size", "2", "--save_steps", "2", "--do_eval", "false"]
-    result = _sft(args, module="paddle.distributed.launch")
-    assert result.returncode == 0, (tmp_path / "logs" / "workerlog.0").read_text()[-3000:]
+    # faulthandler: a worker that aborts leaves its Python stack in its log.
+    result = _sft(args, env_extra={"PYTHONFAULTHANDLER": "1"}, module="paddle.distributed.launch")
+    logs = "".join(f"--- workerlog.{rank}\n" + (tmp_path / "logs" / f"workerlog.{rank}").read_text()[-2000:]
+                   for rank in range(2))
+    assert result.returncode == 0, result.stderr[-1000:] + logs
     assert (tmp_path / "out" / "checkpoint-2" / "rng_state_2.pth").is_file()  # saved by a 2-process run
     assert (tmp_path / "out" / "model_state.pdparams").is_file()
 

@@ -194,4 +194,8 @@ def _run_sft(model_args: ModelArguments, data_args: DataArguments, training: Tra
     if training.should_save:
         with open(os.path.join(training.output_dir, "sft_metrics.json"), "w", encoding="utf-8") as f:
             json.dump(metrics, f, indent=2, default=float)
+    if training.world_size > 1:
+        # No rank may leave while another is still inside a collective (the last save): a peer
+        # that disappears makes the other's communication abort the process (SIGABRT).
+        paddle.distributed.barrier()
     return metrics
