@@ -1,9 +1,13 @@
 """Shared test fixtures: locate ``../shared`` (the golden fixtures) next to the repository."""
 from __future__ import annotations
 
+import contextlib
+import http.server
 import json
 import os
+import threading
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -12,6 +16,26 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("IXC2_SHARED", REPO_ROOT.parent / "shared"))
 TINY = SHARED / "fixtures" / "ixc2-tiny"
 TINY_PADDLEMIX = SHARED / "fixtures" / "ixc2-tiny-paddlemix"
+LOOPBACK_NO_PROXY = "127.0.0.1,localhost"  # a proxy in the environment must not intercept loopback test servers
+
+
+@contextlib.contextmanager
+def loopback_server(handler) -> Iterator[str]:
+    """Serve ``handler`` on 127.0.0.1 (a free port) from a daemon thread; yields the base URL."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture()
+def loopback_no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NO_PROXY", LOOPBACK_NO_PROXY)
+    monkeypatch.setenv("no_proxy", LOOPBACK_NO_PROXY)
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,6 @@ import http.server
 import json
 import re
 import shutil
-import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -15,6 +14,7 @@ from typing import Any, Iterator
 import numpy as np
 import paddle
 import pytest
+from conftest import loopback_server
 from PIL import Image
 
 from paddlemix.datasets import (
@@ -214,20 +214,11 @@ def http_base(tiny_dir: Path) -> Iterator[tuple]:
             self.end_headers()
             self.wfile.write(body)
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", hits
-    finally:
-        server.shutdown()
-        server.server_close()
+    with loopback_server(Handler) as base:
+        yield base, hits
 
 
-@pytest.fixture(autouse=True)
-def _no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+pytestmark = pytest.mark.usefixtures("loopback_no_proxy")
 
 
 def test_validate_images_local_and_url(data_dir: Path, processor, http_base: tuple) -> None:

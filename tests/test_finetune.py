@@ -9,7 +9,6 @@ import re
 import shutil
 import subprocess
 import sys
-import threading
 from pathlib import Path
 from typing import List
 
@@ -18,7 +17,7 @@ import paddle
 import pytest
 from PIL import Image, ImageDraw
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, loopback_server
 from paddlemix.datasets import ChatMLDataset, DataCollatorForChatML, read_chatml, validate
 from paddlemix.finetune.arguments import ArgumentError, parse_arguments
 from paddlemix.finetune.lora import OFFICIAL_LORA_TARGETS, PLoRALoRAModel, build_lora_config, load_adapter, merge_and_unload
@@ -209,10 +208,8 @@ def test_command_line_overrides_the_file(tmp_path):
 def url_server(data_dir):
     handler = lambda *a, **k: http.server.SimpleHTTPRequestHandler(*a, directory=str(data_dir), **k)  # noqa: E731
     http.server.SimpleHTTPRequestHandler.log_message = lambda *a: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+    with loopback_server(handler) as base:
+        yield base
 
 
 @pytest.mark.parametrize("config,extra,ratio", [

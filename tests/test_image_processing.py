@@ -7,7 +7,6 @@ import io
 import json
 import socket
 import struct
-import threading
 import time
 import zlib
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Iterator
 
 import numpy as np
 import pytest
+from conftest import loopback_server
 from PIL import Image
 
 from paddlemix.models.internlm_xcomposer2.image_processing import (
@@ -251,21 +251,11 @@ def http_base(tiny_dir: Path) -> Iterator[str]:
             except (BrokenPipeError, ConnectionResetError):
                 pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with loopback_server(Handler) as base:
+        yield base
 
 
-@pytest.fixture(autouse=True)
-def _no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+pytestmark = pytest.mark.usefixtures("loopback_no_proxy")
 
 
 def test_url_golden(processor, http_base: str, golden: dict) -> None:

@@ -56,11 +56,11 @@ MIN_PLOTTED_LOSS = 1e-4  # log scale: a loss of 0 is drawn here
 TRAINER_LOGGER = "paddlemix.finetune.trainer"
 LOSS_LINE = re.compile(r"step (\d+)/(\d+): loss ([0-9.eE+-]+)")
 # A small model of the same architecture. The token tables (vocab x hidden) hold most of the parameters
-# and of the time: the output table's AdamW update and the 92544-wide softmax of every labelled token, so
+# and of the time: the output table's AdamW update and the vocabulary-wide softmax of every labelled token, so
 # the language model is narrow (64). ``initializer_range`` 0.05 instead of 0.02: at this width the default
 # makes every layer a near-identity at first, and learning starts later.
 MODEL_SIZES = dict(
-    vocab_size=92544, hidden_size=64, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+    hidden_size=64, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
     num_key_value_heads=2, max_position_embeddings=1024, initializer_range=0.05,
     img_size=shapes_data.GRID * shapes_data.CELL,
     vision_config=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
@@ -82,11 +82,12 @@ def build_initial_checkpoint(directory: Path, seed: int) -> int:
     from paddlemix.models.internlm_xcomposer2 import (InternLMXComposer2Config, InternLMXComposer2ForCausalLM,
                                                       InternLMXComposer2Tokenizer)
 
-    paddle.seed(seed)
-    model = InternLMXComposer2ForCausalLM(InternLMXComposer2Config(**MODEL_SIZES))
-    model.save_pretrained(str(directory))
     with quiet_native_stderr():
-        InternLMXComposer2Tokenizer.from_pretrained(str(bundled_tokenizer_dir())).save_pretrained(str(directory))
+        tokenizer = InternLMXComposer2Tokenizer.from_pretrained(str(bundled_tokenizer_dir()))
+    paddle.seed(seed)
+    model = InternLMXComposer2ForCausalLM(InternLMXComposer2Config(**MODEL_SIZES, vocab_size=len(tokenizer)))
+    model.save_pretrained(str(directory))
+    tokenizer.save_pretrained(str(directory))
     return sum(int(p.numel()) for p in model.parameters())
 
 
