@@ -165,6 +165,13 @@ def run_sft(model_args: ModelArguments, data_args: DataArguments, training: Trai
         return _run_sft(model_args, data_args, training)
 
 
+def build_collator(pad_token_id: int) -> ErrorCarryingCollator:
+    """The Trainer's collator. Batches leave it as numpy arrays and the DataLoader makes the tensors:
+    a worker process that returns paddle Tensors hands only a borrowed view of each to its queue's
+    feeder thread, which can pickle it after the Tensor is freed (a SIGSEGV in the worker)."""
+    return ErrorCarryingCollator(DataCollatorForChatML(pad_token_id, return_tensors="np"))
+
+
 def _run_sft(model_args: ModelArguments, data_args: DataArguments, training: TrainingArguments) -> Dict[str, Any]:
     tokenizer, processor, model = build_model(model_args, data_args, training)
     train_set = _load_split(_dataset_files(data_args.dataset, "train"), processor, data_args, "train") \
@@ -175,8 +182,7 @@ def _run_sft(model_args: ModelArguments, data_args: DataArguments, training: Tra
         raise ArgumentError('do_train is set but dataset has no "train" files')
     carry = lambda dataset: ErrorCarryingDataset(dataset) if dataset is not None else None  # noqa: E731
     trainer = SFTTrainer(model=model, args=training, train_dataset=carry(train_set), eval_dataset=carry(eval_set),
-                         tokenizer=tokenizer,
-                         data_collator=ErrorCarryingCollator(DataCollatorForChatML(tokenizer.pad_token_id)),
+                         tokenizer=tokenizer, data_collator=build_collator(tokenizer.pad_token_id),
                          callbacks=[CheckpointCompleteCallback()])
     metrics: Dict[str, Any] = {}
     if training.do_train:
