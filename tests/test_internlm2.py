@@ -110,3 +110,94 @@ def test_cached_decoding_equals_full_recomputation(tiny_model, golden, use_image
     start = embeds.shape[1] - 1
     for i, step in enumerate(steps):
         np.testing.assert_allclose(step, full[start + i], atol=1e-4, rtol=0)
+
+
+def test_decode_mask_equals_the_expanded_causal_mask():
+    from paddlemix.models.internlm_xcomposer2.internlm2 import decode_mask, expand_mask
+
+    fast = decode_mask(4, 8, 2, 2, 3).numpy()
+    np.testing.assert_array_equal(fast, expand_mask(causal_mask(1, 4, 8), 2, 2, 3).numpy())
+    assert fast.shape == (2, 2, 3, 8)
+
+
+def _decode(model, embeds, steps, attention_mask=None):
+    """Prefill ``embeds``, then ``steps`` greedy tokens through the cache: every step's logits + the cache."""
+    positions = None
+    if attention_mask is not None:
+        positions = paddle.clip(paddle.cumsum(attention_mask.astype("int64"), axis=-1) - 1, min=0)
+    with paddle.no_grad():
+        out = model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions, use_cache=True)
+        cache, logits = out.past_key_values, [out.logits[:, -1].numpy()]
+        for _ in range(steps):
+            token = paddle.to_tensor(logits[-1].argmax(-1)[:, None])
+            if attention_mask is not None:
+                attention_mask = paddle.concat([attention_mask, paddle.ones_like(attention_mask[:, :1])], 1)
+                positions = positions[:, -1:] + 1
+            out = model(input_ids=token, attention_mask=attention_mask, position_ids=positions, past_key_values=cache)
+            logits.append(out.logits[:, -1].numpy())
+    return logits, cache
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_fast_decode_step_is_bit_identical_to_the_layers(tiny_model, golden, monkeypatch, padded):
+    """The fused decode path (fast_decode) computes exactly what the decoder layers compute:
+    one row without padding (host-built mask and rotation) and a left-padded batch."""
+    import paddlemix.models.internlm_xcomposer2.internlm2 as internlm2
+
+    ids = paddle.to_tensor(golden["text_input_ids"])[None]
+    embeds, attention_mask = tiny_model.model.embed(ids), None
+    if padded:  # row 0 drops its first 3 tokens, left-padded
+        embeds = paddle.concat([embeds, paddle.concat([embeds[:, :3] * 0, embeds[:, 3:]], 1)], 0)
+        attention_mask = paddle.to_tensor([[1] * ids.shape[1], [0] * 3 + [1] * (ids.shape[1] - 3)])
+    taken = []
+    monkeypatch.setattr(internlm2, "decode_layers", lambda *a: taken.append(1) or fast_decode_layers(*a))
+    fast_logits, fast_cache = _decode(tiny_model, embeds, 6, attention_mask)
+    assert len(taken) == 6 and fast_cache.fast_decode
+    monkeypatch.setattr(internlm2, "can_decode_fast", lambda *a: False)
+    slow_logits, slow_cache = _decode(tiny_model, embeds, 6, attention_mask)
+    for fast, slow in zip(fast_logits, slow_logits):
+        np.testing.assert_array_equal(fast, slow)
+    for layer in range(len(fast_cache.keys)):
+        np.testing.assert_array_equal(fast_cache.keys[layer].numpy(), slow_cache.keys[layer].numpy())
+        np.testing.assert_array_equal(fast_cache.values[layer].numpy(), slow_cache.values[layer].numpy())
+
+
+def fast_decode_layers(*args):
+    from paddlemix.models.internlm_xcomposer2.fast_decode import decode_layers
+
+    return decode_layers(*args)
+
+
+def test_fast_decode_is_not_taken_when_a_layer_is_hooked_or_wrapped(tiny_model, golden):
+    from paddlemix.models.internlm_xcomposer2.fast_decode import can_decode_fast
+    from paddlemix.models.internlm_xcomposer2.plora import PLoRALinear
+
+    layers, rotation = tiny_model.model.layers, paddle.eye(4)
+    cache = KVCache(len(layers), 1, 2, 4)
+    cache.length = 3
+    assert not can_decode_fast(layers, 1, cache, None, rotation)  # gradients wanted
+    with paddle.no_grad():
+        assert can_decode_fast(layers, 1, cache, None, rotation)
+        assert not can_decode_fast(layers, 2, KVCache(len(layers), 1, 2, 4), None, None)  # prefill
+    calls = []
+    hook = layers[1].feed_forward.w2.register_forward_post_hook(lambda *a: calls.append(1))
+    try:
+        ids = paddle.to_tensor(golden["text_input_ids"])[None]
+        _decode(tiny_model, tiny_model.model.embed(ids), 2)
+    finally:
+        hook.remove()
+    assert len(calls) == 3  # prefill + both decode steps ran the hooked layer
+
+    class Wrapped(PLoRALinear):  # e.g. a LoRA wrapper: its forward must run
+        pass
+
+    original = layers[0].attention.wo
+    wrapped = Wrapped(original.in_features, original.out_features)
+    layers[0].attention.wo = wrapped
+    try:
+        fresh = KVCache(len(layers), 1, 2, 4)
+        fresh.length = 3
+        with paddle.no_grad():
+            assert not can_decode_fast(layers, 1, fresh, None, rotation)
+    finally:
+        layers[0].attention.wo = original

@@ -151,7 +151,7 @@ def generate_tokens(
             finished |= np.isin(token, eos)
             if finished.all() or step == settings.max_new_tokens - 1:
                 return
-            token_tensor = paddle.to_tensor(token).unsqueeze(-1)
+            token_tensor = paddle.to_tensor(token[:, None])
             seen = paddle.concat([seen, token_tensor], axis=1)
             if attention_mask is not None:
                 attention_mask = paddle.concat([attention_mask, paddle.ones([b, 1], dtype=attention_mask.dtype)], 1)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from typing import List, Optional, Tuple
 
+import numpy as np
 import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
@@ -16,11 +17,12 @@ from paddle.distributed.fleet.utils import recompute
 from paddle.incubate.nn.functional import fused_rms_norm
 
 from .configuration import InternLMXComposer2Config
+from .fast_decode import can_decode_fast, decode_layers
 from .kv_cache import KVCache
 from .plora import ImageRows, PLoRALinear
 from .rope import Rotary, rotary_for
 
-__all__ = ["RMSNorm", "causal_mask", "expand_mask", "grouped_attention", "InternLM2Model"]
+__all__ = ["RMSNorm", "causal_mask", "decode_mask", "expand_mask", "grouped_attention", "InternLM2Model"]
 
 MASK_EXPAND_LIMIT = 16 * 1024**2  # elements (64 MB in float32) of an expanded mask / rotary table
 
@@ -62,6 +64,16 @@ def causal_mask(new_tokens: int, past: int, key_length: int,
     zero = paddle.zeros([], dtype="float32")
     minimum = paddle.full([], paddle.finfo(paddle.float32).min, dtype="float32")
     return paddle.where(allowed, zero, minimum)
+
+
+def decode_mask(past: int, key_length: int, batch: int, kv_heads: int, groups: int) -> paddle.Tensor:
+    """:func:`expand_mask` of :func:`causal_mask` for one new token without padding, built on the
+    host and sent in one transfer (the device ops would cost more than the attention they mask)."""
+    row = np.where(np.arange(key_length) <= past, 0.0, np.finfo(np.float32).min).astype(np.float32)
+    shape = [batch, kv_heads, groups, key_length]
+    if batch * kv_heads * groups * key_length > MASK_EXPAND_LIMIT:
+        shape = [1, 1, key_length]
+    return paddle.to_tensor(np.broadcast_to(row, shape))
 
 
 def expand_mask(mask: Optional[paddle.Tensor], batch: int, kv_heads: int, groups: int) -> Optional[paddle.Tensor]:
@@ -226,8 +238,16 @@ class InternLM2Model(nn.Layer):
         rope = rotary_for(cfg, past, new_tokens, position_ids, scale=cfg.head_dim**-0.25).expanded(
             qk_shape, MASK_EXPAND_LIMIT)
         key_length = cache.key_length(new_tokens) if cache is not None else new_tokens
-        mask = expand_mask(causal_mask(new_tokens, past, key_length, attention_mask), inputs_embeds.shape[0],
-                           cfg.num_key_value_heads, cfg.num_attention_heads // cfg.num_key_value_heads)
+        groups = cfg.num_attention_heads // cfg.num_key_value_heads
+        if attention_mask is None and new_tokens == 1 and key_length > past + 1:
+            mask = decode_mask(past, key_length, inputs_embeds.shape[0], cfg.num_key_value_heads, groups)
+        else:
+            mask = expand_mask(causal_mask(new_tokens, past, key_length, attention_mask), inputs_embeds.shape[0],
+                               cfg.num_key_value_heads, groups)
+        if not output_hidden_states and can_decode_fast(self.layers, new_tokens, cache, image_rows, rope.matrix):
+            x = decode_layers(self.layers, inputs_embeds, rope.matrix, mask, cache, self.norm)
+            cache.commit(new_tokens)
+            return x, None
         hidden: List[paddle.Tensor] = []
         x = inputs_embeds
         recompute_layers = self.enable_recompute and self.training

@@ -32,6 +32,9 @@ class KVCache:
         self.keys: List[Optional[paddle.Tensor]] = [None] * num_layers
         self.values: List[Optional[paddle.Tensor]] = [None] * num_layers
         self.length = 0  # positions committed by completed forwards
+        # whether decode steps may take fast_decode.decode_layers; decided at the first one
+        # (a cache serves one generation, during which the model's layers do not change)
+        self.fast_decode: Optional[bool] = None
 
     def reserve(self, new_tokens: int) -> None:
         """Make room for ``new_tokens`` more positions (growing by whole blocks)."""

@@ -192,9 +192,10 @@ class InternLMXComposer2ForCausalLM(ChatMixin, InternLMXComposer2PretrainedModel
             # would cost far more memory and time than the model itself on long samples.
             loss, logits = self._labelled_rows_loss(hidden, labels), None
         else:
-            if logits_to_keep:
+            if logits_to_keep and logits_to_keep < hidden.shape[1]:
                 hidden = hidden[:, -logits_to_keep:]
-            logits = self.output(hidden).astype("float32")
+            logits = self.output(hidden)
+            logits = logits if logits.dtype == paddle.float32 else logits.astype("float32")
             loss = causal_lm_loss(logits, labels) if labels is not None else None
         if not return_dict:
             return tuple(v for v in (loss, logits, cache, all_hidden) if v is not None)

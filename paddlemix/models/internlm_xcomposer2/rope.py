@@ -31,7 +31,13 @@ def rope_base(config, seq_len: int) -> float:
 
 
 def rope_inv_freq(head_dim: int, base: float) -> paddle.Tensor:
-    """``1 / base^(arange(0, d, 2)/d)`` in float32, ``[d/2]``."""
+    """``1 / base^(arange(0, d, 2)/d)`` in float32, ``[d/2]`` (computed once per base and device:
+    decoding asks for it every token)."""
+    return _inv_freq(head_dim, base, paddle.get_device())
+
+
+@functools.lru_cache(maxsize=64)
+def _inv_freq(head_dim: int, base: float, device: str) -> paddle.Tensor:
     exponents = paddle.arange(0, head_dim, 2, dtype="float32") / head_dim
     return 1.0 / (paddle.full([], base, dtype="float32") ** exponents)
 
@@ -61,12 +67,47 @@ def _rotate_half_matrix(d: int) -> np.ndarray:
     return m
 
 
+@functools.lru_cache(maxsize=8)
+def _rotation_bases(d: int, device: str):
+    """``I`` and ``M`` (rotate-half) as float32 tensors."""
+    return paddle.eye(d, dtype="float32"), paddle.to_tensor(_rotate_half_matrix(d))
+
+
 def _rotation_matrix(cos: paddle.Tensor, sin: paddle.Tensor) -> paddle.Tensor:
     """``R`` with ``x @ R == apply_rotary(x, cos, sin)`` for one position: ``cos``/``sin``
     ``[..., d]`` → ``[..., d, d]``: ``R = diag(cos) + M·diag(sin)``, ``M`` = rotate-half."""
-    d = cos.shape[-1]
-    eye = paddle.eye(d, dtype="float32")
-    return eye * cos.unsqueeze(-2) + paddle.to_tensor(_rotate_half_matrix(d)) * sin.unsqueeze(-2)
+    eye, rotate_half = _rotation_bases(cos.shape[-1], paddle.get_device())
+    return eye * cos.unsqueeze(-2) + rotate_half * sin.unsqueeze(-2)
+
+
+@functools.lru_cache(maxsize=64)
+def _host_inv_freq(head_dim: int, base: float) -> np.ndarray:
+    return rope_inv_freq(head_dim, base).numpy()
+
+
+def _host_rotation(head_dim: int, base: float, position: int, scale: float) -> np.ndarray:
+    """:func:`_rotation_matrix` of one position, ``[1, 1, 1, d, d]`` float32, on the host with the
+    same float32 steps (cos/sin rounded from float64, as the device kernels' correctly rounded
+    float32 ones), instead of ~12 small device ops per decoded token."""
+    freqs = np.float32(position) * _host_inv_freq(head_dim, base)
+    emb = np.concatenate([freqs, freqs]).astype(np.float64)
+    cos, sin = np.cos(emb).astype(np.float32), np.sin(emb).astype(np.float32)
+    if scale != 1.0:
+        cos, sin = cos * np.float32(scale), sin * np.float32(scale)
+    rows, cols, signs = _rotation_layout(head_dim)
+    matrix = np.zeros([head_dim, head_dim], dtype=np.float32)
+    matrix[cols, cols] = cos
+    matrix[rows, cols] = signs * sin  # diag(cos) + M·diag(sin): M has one ±1 per column
+    return matrix.reshape([1, 1, 1, head_dim, head_dim])
+
+
+@functools.lru_cache(maxsize=8)
+def _rotation_layout(d: int):
+    """Row, column and sign of each nonzero of the rotate-half matrix ``M``."""
+    rows, cols = np.nonzero(_rotate_half_matrix(d).T)[::-1]
+    order = np.argsort(cols)
+    rows, cols = rows[order], cols[order]
+    return rows, cols, _rotate_half_matrix(d)[rows, cols]
 
 
 @dataclass
@@ -98,7 +139,10 @@ def rotary_for(config, past: int, new_tokens: int, position_ids: Optional[paddle
     """The rotation for positions ``past .. past+t-1`` (or ``position_ids`` ``[b, t]``); the
     base depends on the total length ``past + t`` (dynamic NTK). ``scale`` multiplies the
     rotated vectors (a free way to fold a constant factor into q and k)."""
-    inv_freq = rope_inv_freq(config.head_dim, rope_base(config, past + new_tokens))
+    base = rope_base(config, past + new_tokens)
+    if new_tokens == 1 and position_ids is None:  # a decode step: one host-built matrix, one transfer
+        return Rotary(matrix=paddle.to_tensor(_host_rotation(config.head_dim, base, past, scale)))
+    inv_freq = rope_inv_freq(config.head_dim, base)
     if position_ids is None:
         positions = paddle.arange(past, past + new_tokens, dtype="float32").unsqueeze(0)
     else:
