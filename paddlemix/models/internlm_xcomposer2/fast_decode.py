@@ -82,6 +82,8 @@ def decode_layers(layers: Sequence[paddle.nn.Layer], x: paddle.Tensor, rotation:
         mask = _C_ops.reshape(mask, [mask.shape[0], 1, 1, mask.shape[-1]])
     # one token: the layer works on [b, nkv, heads, d] (query heads, then k, then v per kv head)
     rotation = _C_ops.reshape(rotation, [rotation.shape[0], 1, rotation.shape[-2], rotation.shape[-1]])
+    if rotation.dtype != x.dtype:  # once per step, not per layer
+        rotation = _C_ops.cast(rotation, x.dtype)
     pending = None  # the previous block's output, not yet added to the residual stream x
     for idx, layer in enumerate(layers):
         parts = layer._sub_layers
@@ -94,8 +96,7 @@ def decode_layers(layers: Sequence[paddle.nn.Layer], x: paddle.Tensor, rotation:
         qkv = _C_ops.reshape(_linear(h, att_linears["wqkv"]), [b, nkv, groups + 2, hd])
         # rotating v as well keeps the matmul's input contiguous (a slice first would be copied);
         # v is then taken from the unrotated qkv
-        rotated = _C_ops.matmul(qkv, rotation if rotation.dtype == qkv.dtype else rotation.astype(qkv.dtype),
-                                False, False)
+        rotated = _C_ops.matmul(qkv, rotation, False, False)
         keys, values = cache.keys[idx], cache.values[idx]
         _C_ops.set_value_with_tensor_(keys, _C_ops.slice(rotated, [2], [groups], [groups + 1], [1], []),
                                       [pos], [pos + 1], [1], [2], [], [])
