@@ -11,6 +11,7 @@ from paddlemix.models.internlm_xcomposer2.generation import (
     apply_repetition_penalty,
     apply_top_k,
     apply_top_p,
+    choose_greedy_on_host,
     process_scores,
 )
 
@@ -116,6 +117,23 @@ def test_repetition_penalty_divides_positive_multiplies_negative():
     scores = paddle.to_tensor([[2.0, -2.0, 3.0]])
     seen = paddle.to_tensor([[0, 1, 0]], dtype="int64")  # a repeated id is penalised once
     np.testing.assert_allclose(apply_repetition_penalty(scores, seen, 2.0).numpy(), [[1.0, -4.0, 3.0]])
+
+
+@pytest.mark.parametrize("penalty", [1.005, 1.3, 1.0])
+def test_host_greedy_choice_equals_the_device_penalty_bit_for_bit(penalty):
+    """CPU greedy generation penalises in numpy: same float32 values, same choice."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 3, [3, 1000]).astype(np.float32)
+    seen = rng.integers(0, 1000, [3, 40])
+    seen[:, 1] = seen[:, 0]  # repeated ids
+    seen[:, 2] = logits.argmax(-1)  # the best score is penalised: the choice may move
+    device = apply_repetition_penalty(paddle.to_tensor(logits), paddle.to_tensor(seen), penalty).numpy()
+    host = logits.copy()
+    chosen = choose_greedy_on_host(host, seen, penalty)
+    np.testing.assert_array_equal(host, device)
+    np.testing.assert_array_equal(chosen, device.argmax(-1))
+    if penalty == 1.3:
+        assert (chosen != logits.argmax(-1)).any()  # the case above really exercised the penalty
 
 
 def test_top_k_and_top_p_filtering():

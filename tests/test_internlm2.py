@@ -120,6 +120,25 @@ def test_decode_mask_equals_the_expanded_causal_mask():
     assert fast.shape == (2, 2, 3, 8)
 
 
+def test_step_mask_is_updated_in_place_and_equals_a_fresh_decode_mask():
+    from paddlemix.models.internlm_xcomposer2.internlm2 import decode_mask, step_mask
+    from paddlemix.models.internlm_xcomposer2.kv_cache import BLOCK
+
+    cache = KVCache(1, 2, 2, 4)
+    cache.length = BLOCK - 3
+    masks = []
+    for _ in range(6):  # crosses a capacity block: the mask is rebuilt once, then reused again
+        cache.reserve(1)
+        masks.append(step_mask(cache, 2, 2, 3))
+        np.testing.assert_array_equal(masks[-1].numpy(), decode_mask(cache.length, cache.capacity, 2, 2, 3).numpy())
+        cache.commit(1)
+    assert [m is masks[0] for m in masks] == [True, True, True, False, False, False]
+    assert masks[3] is masks[5]
+    cache.select_rows(paddle.to_tensor([1]))  # another batch size: a new mask
+    cache.reserve(1)
+    assert step_mask(cache, 1, 2, 3).shape == [1, 2, 3, cache.capacity]
+
+
 def _decode(model, embeds, steps, attention_mask=None):
     """Prefill ``embeds``, then ``steps`` greedy tokens through the cache: every step's logits + the cache."""
     positions = None

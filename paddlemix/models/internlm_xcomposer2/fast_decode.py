@@ -4,16 +4,18 @@ decoder layers with as little per-op overhead as the framework allows.
 Decoding a small or GPU-resident model is bound by per-op dispatch, not arithmetic: the
 layer-by-layer path (``InternLM2DecoderLayer``) spends ~10 ``Layer.__call__``s, Python
 wrappers and 27 ops per layer. Here the same kernels compute the same values — bit-identical
-in float32 (tested against the layers) — in 21 ops per layer:
+in float32 (tested against the layers) — in 20 ops per layer:
 
 * the residual add is fused into the following RMSNorm (``fused_rms_norm(..., residual=x)``
   returns ``norm(a + x)`` and ``a + x``), saving two ops per layer (in bfloat16 the fused add
   may round differently from a separate one);
-* the rotation multiplies all of q, k and v (v's rotated copy is unused): its input stays
-  contiguous, so no copy, and no slice before it;
+* q, k and v are cut apart with ``split``, whose outputs are contiguous copies: a ``slice``
+  is a strided view, and every kernel that reads a view (the cache write, the q·k matmul)
+  first makes it contiguous in a hidden extra op (~4 µs each on CPU, measured);
 * kernels are called directly (``_C_ops``, as PaddleNLP's own fused paths do), without the
-  Python argument checking of the public wrappers; no PLoRA (generated tokens are text) and
-  no ``Layer.__call__`` per linear.
+  Python argument checking of the public wrappers; no PLoRA (generated tokens are text), no
+  ``Layer.__call__`` per linear, and the weights are looked up once per generation
+  (:class:`DecodePlan`), not in every step.
 
 Only used when it computes exactly what the layers would: plain ``PLoRALinear`` linears
 (not wrapped by ``paddlenlp.peft``), no hooks, a rotation matrix (one new token), a cache
@@ -21,7 +23,7 @@ that already holds the prompt. Anything else takes the layer-by-layer path.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence, Tuple, Union
 
 import paddle
 from paddle import _C_ops
@@ -29,10 +31,16 @@ from paddle import _C_ops
 from .kv_cache import KVCache
 from .plora import PLoRALinear
 
-__all__ = ["can_decode_fast", "decode_layers"]
+__all__ = ["DecodePlan", "can_decode_fast", "decode_layers"]
 
 _LINEARS = (("attention", "wqkv"), ("attention", "wo"), ("feed_forward", "w1"), ("feed_forward", "w3"),
             ("feed_forward", "w2"))
+
+# (weight, bias or None) of a linear; a layer: attention norm (weight, eps), wqkv, wo,
+# ffn norm (weight, eps), w1, w3, w2
+_Linear = Tuple[paddle.Tensor, Optional[paddle.Tensor]]
+_LayerWeights = Tuple[Tuple[paddle.Tensor, float], _Linear, _Linear, Tuple[paddle.Tensor, float], _Linear, _Linear,
+                      _Linear]
 
 
 def _plain(layer: paddle.nn.Layer) -> bool:
@@ -45,39 +53,67 @@ def _plain(layer: paddle.nn.Layer) -> bool:
             and not any(m._forward_pre_hooks or m._forward_post_hooks for m in modules))
 
 
+class DecodePlan:
+    """The decoder's weights, head layout and norm epsilons, read once per generation."""
+
+    def __init__(self, layers: Sequence[paddle.nn.Layer]) -> None:
+        attention = layers[0]._sub_layers["attention"]
+        self.num_kv_heads, self.head_dim = attention.num_kv_heads, attention.head_dim
+        self.groups = attention.num_heads // attention.num_kv_heads
+        self.layers: List[_LayerWeights] = [self._weights(layer) for layer in layers]
+
+    @staticmethod
+    def _weights(layer: paddle.nn.Layer) -> _LayerWeights:
+        parts = layer._sub_layers
+
+        def linear(part: str, name: str) -> _Linear:
+            params = parts[part]._sub_layers[name]._parameters
+            return params["weight"], params.get("bias")
+
+        def norm(name: str) -> Tuple[paddle.Tensor, float]:
+            return parts[name]._parameters["weight"], parts[name].eps
+
+        return (norm("attention_norm"), linear("attention", "wqkv"), linear("attention", "wo"), norm("ffn_norm"),
+                linear("feed_forward", "w1"), linear("feed_forward", "w3"), linear("feed_forward", "w2"))
+
+
 def can_decode_fast(layers: Sequence[paddle.nn.Layer], new_tokens: int, cache: Optional[KVCache],
                     image_rows, rotation: Optional[paddle.Tensor]) -> bool:
     """Whether :func:`decode_layers` computes exactly what the layers would for this forward.
-    The layer check is made once per cache (one generation: its layers do not change midway)."""
+    The layers are checked, and their weights gathered into ``cache.fast_decode`` (a
+    :class:`DecodePlan`), once per cache: one generation, during which they do not change."""
     if not (new_tokens == 1 and cache is not None and cache.length > 0 and image_rows is None
             and rotation is not None and not paddle.is_grad_enabled()):
         return False
     if cache.fast_decode is None:
-        cache.fast_decode = all(_plain(layer) for layer in layers)
-    return cache.fast_decode
+        cache.fast_decode = DecodePlan(layers) if all(_plain(layer) for layer in layers) else False
+    return bool(cache.fast_decode)
 
 
-def _linear(x: paddle.Tensor, linear: PLoRALinear) -> paddle.Tensor:
-    params = linear._parameters  # dict lookups: Layer.__getattr__ costs more than a small kernel
-    y = _C_ops.matmul(x, params["weight"], False, False)
-    bias = params.get("bias")
+def _linear(x: paddle.Tensor, linear: _Linear) -> paddle.Tensor:
+    weight, bias = linear
+    y = _C_ops.matmul(x, weight, False, False)
     return y if bias is None else _C_ops.add(y, bias)
 
 
-def _rms(x: paddle.Tensor, norm, residual: Optional[paddle.Tensor]):
+def _rms(x: paddle.Tensor, norm: Tuple[paddle.Tensor, float], residual: Optional[paddle.Tensor]):
     """``(norm(x + residual), x + residual)`` in one kernel (``residual`` None: ``(norm(x), x)``)."""
-    out = _C_ops.fused_rms_norm_quant(x, None, residual, norm._parameters["weight"], None, norm.eps, x.ndim - 1,
-                                      -1.0, 0, 0.0, 0.0)
+    out = _C_ops.fused_rms_norm_quant(x, None, residual, norm[0], None, norm[1], x.ndim - 1, -1.0, 0, 0.0, 0.0)
     return out[0], (out[1] if residual is not None else x)
 
 
-def decode_layers(layers: Sequence[paddle.nn.Layer], x: paddle.Tensor, rotation: paddle.Tensor,
+def decode_layers(plan: Union[DecodePlan, bool, None], x: paddle.Tensor, rotation: paddle.Tensor,
                   mask: Optional[paddle.Tensor], cache: KVCache, final_norm) -> paddle.Tensor:
     """``x`` ``[b, 1, H]`` embeddings → final-normed hidden ``[b, 1, H]``, writing each layer's
-    key/value at position ``cache.length`` (the caller commits). ``rotation`` ``[b|1, 1, 1, d, d]``
-    (scaled, see ``rotary_for``); ``mask`` additive ``[b, nkv, groups, L]``, ``[b, 1, L]`` or ``None``."""
+    key/value at position ``cache.length`` (the caller commits). ``plan``: ``cache.fast_decode``
+    after :func:`can_decode_fast` said yes. ``rotation`` ``[b|1, 1, 1, d, d]`` (scaled, see
+    ``rotary_for``); ``mask`` additive ``[b, nkv, groups, L]``, ``[b, 1, L]`` or ``None``."""
+    if not isinstance(plan, DecodePlan):
+        raise ValueError("decode_layers needs the DecodePlan can_decode_fast stored in cache.fast_decode")
     b = x.shape[0]
     pos = cache.length
+    nkv, hd, groups = plan.num_kv_heads, plan.head_dim, plan.groups
+    heads_width = nkv * groups * hd
     if mask is not None and mask.ndim == 3:  # [b, 1, L] (padding): broadcast over heads and groups
         mask = _C_ops.reshape(mask, [mask.shape[0], 1, 1, mask.shape[-1]])
     # one token: the layer works on [b, nkv, heads, d] (query heads, then k, then v per kv head)
@@ -85,24 +121,14 @@ def decode_layers(layers: Sequence[paddle.nn.Layer], x: paddle.Tensor, rotation:
     if rotation.dtype != x.dtype:  # once per step, not per layer
         rotation = _C_ops.cast(rotation, x.dtype)
     pending = None  # the previous block's output, not yet added to the residual stream x
-    for idx, layer in enumerate(layers):
-        parts = layer._sub_layers
-        att, ffn = parts["attention"], parts["feed_forward"]
-        att_linears, ffn_linears = att._sub_layers, ffn._sub_layers
-        nkv, hd = att.num_kv_heads, att.head_dim
-        groups = att.num_heads // nkv
-        h, x = _rms(pending if pending is not None else x, parts["attention_norm"],
-                    x if pending is not None else None)
-        qkv = _C_ops.reshape(_linear(h, att_linears["wqkv"]), [b, nkv, groups + 2, hd])
-        # rotating v as well keeps the matmul's input contiguous (a slice first would be copied);
-        # v is then taken from the unrotated qkv
-        rotated = _C_ops.matmul(qkv, rotation, False, False)
+    for idx, (att_norm, wqkv, wo, ffn_norm, w1, w3, w2) in enumerate(plan.layers):
+        h, x = _rms(pending if pending is not None else x, att_norm, x if pending is not None else None)
+        qkv = _C_ops.reshape(_linear(h, wqkv), [b, nkv, groups + 2, hd])
+        qk, v = _C_ops.split(qkv, [groups + 1, 1], 2)
+        q, k = _C_ops.split(_C_ops.matmul(qk, rotation, False, False), [groups, 1], 2)
         keys, values = cache.keys[idx], cache.values[idx]
-        _C_ops.set_value_with_tensor_(keys, _C_ops.slice(rotated, [2], [groups], [groups + 1], [1], []),
-                                      [pos], [pos + 1], [1], [2], [], [])
-        _C_ops.set_value_with_tensor_(values, _C_ops.slice(qkv, [2], [groups + 1], [groups + 2], [1], []),
-                                      [pos], [pos + 1], [1], [2], [], [])
-        q = _C_ops.slice(rotated, [2], [0], [groups], [1], [])
+        _C_ops.set_value_with_tensor_(keys, k, [pos], [pos + 1], [1], [2], [], [])
+        _C_ops.set_value_with_tensor_(values, v, [pos], [pos + 1], [1], [2], [], [])
         scores = _C_ops.matmul(q, keys, False, True)  # q, k pre-scaled by the rotation
         if scores.dtype != paddle.float32:
             scores = _C_ops.cast(scores, paddle.float32)
@@ -111,8 +137,8 @@ def decode_layers(layers: Sequence[paddle.nn.Layer], x: paddle.Tensor, rotation:
         probs = _C_ops.softmax(scores, -1)
         if probs.dtype != values.dtype:
             probs = _C_ops.cast(probs, values.dtype)
-        attended = _C_ops.reshape(_C_ops.matmul(probs, values, False, False), [b, 1, att.num_heads * hd])
-        h, x = _rms(_linear(attended, att_linears["wo"]), parts["ffn_norm"], x)
-        gate = _C_ops.silu(_linear(h, ffn_linears["w1"]))
-        pending = _linear(_C_ops.multiply(gate, _linear(h, ffn_linears["w3"])), ffn_linears["w2"])
-    return _rms(pending, final_norm, x)[0]
+        attended = _C_ops.reshape(_C_ops.matmul(probs, values, False, False), [b, 1, heads_width])
+        h, x = _rms(_linear(attended, wo), ffn_norm, x)
+        gate = _C_ops.silu(_linear(h, w1))
+        pending = _linear(_C_ops.multiply(gate, _linear(h, w3)), w2)
+    return _rms(pending, (final_norm._parameters["weight"], final_norm.eps), x)[0]

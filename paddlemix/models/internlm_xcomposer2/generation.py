@@ -21,6 +21,7 @@ __all__ = [
     "apply_repetition_penalty",
     "apply_top_k",
     "apply_top_p",
+    "choose_greedy_on_host",
     "process_scores",
     "generate_tokens",
 ]
@@ -113,6 +114,18 @@ def _choose(scores: paddle.Tensor, settings: GenerationSettings) -> np.ndarray:
     return paddle.argmax(scores, axis=-1).numpy()
 
 
+def choose_greedy_on_host(logits: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarray:
+    """Greedy ids ``[b]`` from float32 ``logits`` ``[b, V]`` (modified in place) and the
+    ``seen`` ids ``[b, n]``: :func:`apply_repetition_penalty` then argmax, in the same float32
+    arithmetic (tested equal), but in numpy. For logits already on the host (a CPU model): the
+    device version costs ~6 framework ops per token, more than the choice itself."""
+    if penalty != 1.0 and seen.shape[1]:
+        present = np.take_along_axis(logits, seen, axis=1)
+        factor = np.float32(penalty)
+        np.put_along_axis(logits, seen, np.where(present < 0, present * factor, present / factor), axis=1)
+    return logits.argmax(-1)
+
+
 def generate_tokens(
     model,
     inputs_embeds: paddle.Tensor,
@@ -141,23 +154,34 @@ def generate_tokens(
         positions = paddle.clip(paddle.cumsum(attention_mask.astype("int64"), axis=-1) - 1, min=0)
     eos = np.asarray(list(settings.eos_token_ids), dtype=np.int64)
     finished = np.zeros([b], dtype=bool)
+    # a greedy CPU generation penalises and chooses in numpy (the logits go to the host anyway)
+    on_host = not settings.do_sample and not output_scores and inputs_embeds.place.is_cpu_place()
+    seen_host = seen.numpy() if on_host else None
     with paddle.no_grad():
         logits = model(inputs_embeds=inputs_embeds, im_mask=im_mask, attention_mask=attention_mask,
-                       position_ids=positions, past_key_values=cache, logits_to_keep=1).logits[:, -1]
+                       position_ids=positions, past_key_values=cache, logits_to_keep=1).logits
         for step in range(settings.max_new_tokens):
-            scores = process_scores(logits, seen, settings)
-            token = np.where(finished, settings.pad_token_id, _choose(scores, settings)).astype(np.int64)
+            if on_host:
+                scores = None
+                chosen = choose_greedy_on_host(logits.numpy()[:, -1], seen_host, settings.repetition_penalty)
+            else:
+                scores = process_scores(logits[:, -1], seen, settings)
+                chosen = _choose(scores, settings)
+            token = np.where(finished, settings.pad_token_id, chosen).astype(np.int64)
             yield token, (scores if output_scores else None)
             finished |= np.isin(token, eos)
             if finished.all() or step == settings.max_new_tokens - 1:
                 return
             token_tensor = paddle.to_tensor(token[:, None])
-            seen = paddle.concat([seen, token_tensor], axis=1)
+            if on_host:
+                seen_host = np.concatenate([seen_host, token[:, None]], axis=1)
+            else:
+                seen = paddle.concat([seen, token_tensor], axis=1)
             if attention_mask is not None:
                 attention_mask = paddle.concat([attention_mask, paddle.ones([b, 1], dtype=attention_mask.dtype)], 1)
                 positions = positions[:, -1:] + 1
             logits = model(input_ids=token_tensor, attention_mask=attention_mask, position_ids=positions,
-                           past_key_values=cache, logits_to_keep=1).logits[:, -1]
+                           past_key_values=cache, logits_to_keep=1).logits
 
 
 def seen_ids(rows: Sequence[Sequence[int]]) -> paddle.Tensor:

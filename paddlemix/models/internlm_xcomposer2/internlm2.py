@@ -76,6 +76,21 @@ def decode_mask(past: int, key_length: int, batch: int, kv_heads: int, groups: i
     return paddle.to_tensor(np.broadcast_to(row, shape))
 
 
+def step_mask(cache: KVCache, batch: int, kv_heads: int, groups: int) -> paddle.Tensor:
+    """:func:`decode_mask` for the coming one-token step over the whole cache buffer, reusing the
+    previous step's mask: each step opens one more key position, written in place (one small
+    op instead of building and sending a new mask every token)."""
+    past = cache.length
+    previous = cache.step_mask
+    if previous is not None and previous[1:] == (past - 1, cache.capacity, batch):
+        mask = previous[0]
+        mask[..., past] = 0.0
+    else:
+        mask = decode_mask(past, cache.capacity, batch, kv_heads, groups)
+    cache.step_mask = (mask, past, cache.capacity, batch)
+    return mask
+
+
 def expand_mask(mask: Optional[paddle.Tensor], batch: int, kv_heads: int, groups: int) -> Optional[paddle.Tensor]:
     """``[1, t, L]`` → the scores' own shape ``[b, nkv, groups·t, L]`` (rows ordered group,
     position), once per forward, so every layer adds it without broadcasting (Paddle's CPU
@@ -240,12 +255,12 @@ class InternLM2Model(nn.Layer):
         key_length = cache.key_length(new_tokens) if cache is not None else new_tokens
         groups = cfg.num_attention_heads // cfg.num_key_value_heads
         if attention_mask is None and new_tokens == 1 and key_length > past + 1:
-            mask = decode_mask(past, key_length, inputs_embeds.shape[0], cfg.num_key_value_heads, groups)
+            mask = step_mask(cache, inputs_embeds.shape[0], cfg.num_key_value_heads, groups)
         else:
             mask = expand_mask(causal_mask(new_tokens, past, key_length, attention_mask), inputs_embeds.shape[0],
                                cfg.num_key_value_heads, groups)
         if not output_hidden_states and can_decode_fast(self.layers, new_tokens, cache, image_rows, rope.matrix):
-            x = decode_layers(self.layers, inputs_embeds, rope.matrix, mask, cache, self.norm)
+            x = decode_layers(cache.fast_decode, inputs_embeds, rope.matrix, mask, cache, self.norm)
             cache.commit(new_tokens)
             return x, None
         hidden: List[paddle.Tensor] = []

@@ -32,9 +32,13 @@ class KVCache:
         self.keys: List[Optional[paddle.Tensor]] = [None] * num_layers
         self.values: List[Optional[paddle.Tensor]] = [None] * num_layers
         self.length = 0  # positions committed by completed forwards
-        # whether decode steps may take fast_decode.decode_layers; decided at the first one
-        # (a cache serves one generation, during which the model's layers do not change)
-        self.fast_decode: Optional[bool] = None
+        # whether decode steps may take fast_decode.decode_layers: a DecodePlan (yes) or False,
+        # decided at the first one (a cache serves one generation, during which the model's
+        # layers do not change)
+        self.fast_decode: Optional[object] = None
+        # (additive mask, last open position, capacity, batch) of the latest one-token step
+        # (internlm2.step_mask)
+        self.step_mask: Optional[Tuple[paddle.Tensor, int, int, int]] = None
 
     def reserve(self, new_tokens: int) -> None:
         """Make room for ``new_tokens`` more positions (growing by whole blocks)."""
@@ -86,3 +90,4 @@ class KVCache:
                 if buf is not None:
                     store[i] = paddle.gather(buf, rows, axis=0)
         self.batch_size = int(rows.shape[0])
+        self.step_mask = None
