@@ -51,6 +51,28 @@ def test_single_token_rotation_matrix_equals_rotate_half():
     np.testing.assert_allclose(by_matrix, apply_rotary(x, cos, sin).numpy(), atol=1e-5)
 
 
+def test_decode_rotations_come_from_a_table_that_is_rebuilt_when_it_runs_out_or_the_base_changes():
+    from paddlemix.models.internlm_xcomposer2.rope import ROTATION_BLOCK
+
+    cfg = InternLMXComposer2Config(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=40, rope_scaling={"type": "dynamic", "factor": 2.0})
+    holder = KVCache(1, 1, 2, 16)
+    x = paddle.randn([1, 1, 2, 3, 16])
+    tables = []
+    for position in range(39 - ROTATION_BLOCK, 42):  # past one block, then past the NTK limit (40)
+        rotated = rotary_for(cfg, position, 1, None, scale=0.5, holder=holder)(x).numpy()
+        tables.append(holder.rotations)
+        cos, sin = rotary_cos_sin(paddle.to_tensor([float(position)]), rope_inv_freq(16, rope_base(cfg, position + 1)))
+        np.testing.assert_allclose(rotated, 0.5 * apply_rotary(x, cos, sin).numpy(), atol=1e-5)
+        standalone = rotary_for(cfg, position, 1, None, scale=0.5).matrix.numpy()
+        np.testing.assert_array_equal(holder.rotations.at(position).numpy(), standalone)
+    # one table for the first block; a new one at the block's end, and for every step past
+    # the NTK limit (the base changes with the length)
+    assert len({id(t) for t in tables[:ROTATION_BLOCK]}) == 1
+    assert tables[ROTATION_BLOCK] is not tables[0]
+    assert tables[-1] is not tables[-2] and tables[-2] is not tables[-3]
+
+
 def test_causal_mask_with_padding_and_cache_tail():
     assert causal_mask(1, 5, 6) is None
     mask = causal_mask(3, 0, 3, paddle.to_tensor([[0, 1, 1]])).numpy()[0]

@@ -39,6 +39,8 @@ class KVCache:
         # (additive mask, last open position, capacity, batch) of the latest one-token step
         # (internlm2.step_mask)
         self.step_mask: Optional[Tuple[paddle.Tensor, int, int, int]] = None
+        # rotation matrices of the coming decode positions (rope.RotationTable)
+        self.rotations: Optional[object] = None
 
     def reserve(self, new_tokens: int) -> None:
         """Make room for ``new_tokens`` more positions (growing by whole blocks)."""

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import paddle
 
-__all__ = ["rope_base", "rope_inv_freq", "rotary_cos_sin", "apply_rotary", "Rotary", "rotary_for"]
+__all__ = ["rope_base", "rope_inv_freq", "rotary_cos_sin", "apply_rotary", "Rotary", "RotationTable", "rotary_for"]
 
 
 def rope_base(config, seq_len: int) -> float:
@@ -85,18 +85,47 @@ def _host_inv_freq(head_dim: int, base: float) -> np.ndarray:
     return rope_inv_freq(head_dim, base).numpy()
 
 
-def _host_rotation(head_dim: int, base: float, position: int, scale: float) -> np.ndarray:
-    """:func:`_rotation_matrix` of one position, ``[1, 1, 1, d, d]`` float32, on the host with the
-    same float32 steps, instead of ~12 small device ops per decoded token. cos/sin are computed in
+def _host_rotations(head_dim: int, base: float, positions: np.ndarray, scale: float) -> np.ndarray:
+    """:func:`_rotation_matrix` of each position, ``[n, d, d]`` float32, on the host with the same
+    float32 steps, instead of ~12 small device ops per decoded token. cos/sin are computed in
     float64 and rounded (Paddle's vectorised float32 kernels can differ by 1 ulp, far inside the
     golden tolerance; prefill and decode each use one rule consistently)."""
-    freqs = np.float32(position) * _host_inv_freq(head_dim, base)
-    emb = np.concatenate([freqs, freqs]).astype(np.float64)
+    freqs = positions.astype(np.float32)[:, None] * _host_inv_freq(head_dim, base)[None, :]
+    emb = np.concatenate([freqs, freqs], axis=-1).astype(np.float64)
     cos, sin = np.cos(emb).astype(np.float32), np.sin(emb).astype(np.float32)
     if scale != 1.0:
         cos, sin = cos * np.float32(scale), sin * np.float32(scale)
-    matrix = np.eye(head_dim, dtype=np.float32) * cos[None, :] + _rotate_half_matrix(head_dim) * sin[None, :]
-    return matrix.reshape([1, 1, 1, head_dim, head_dim])
+    eye, rotate_half = np.eye(head_dim, dtype=np.float32), _rotate_half_matrix(head_dim)
+    return eye[None] * cos[:, None, :] + rotate_half[None] * sin[:, None, :]
+
+
+ROTATION_BLOCK = 16  # decode positions whose rotations are built on the host and sent together
+
+
+@dataclass
+class RotationTable:
+    """Rotation matrices ``[n, 1, 1, 1, d, d]`` of positions ``start .. start+n-1`` for one
+    base and scale: a decode step takes its matrix as a view instead of building and
+    sending one (a host computation and a transfer per token)."""
+
+    base: float
+    scale: float
+    start: int
+    matrices: paddle.Tensor
+
+    def covers(self, base: float, scale: float, position: int) -> bool:
+        return (base == self.base and scale == self.scale
+                and self.start <= position < self.start + self.matrices.shape[0])
+
+    def at(self, position: int) -> paddle.Tensor:
+        """``[1, 1, 1, d, d]``: a contiguous view of the table (no copy)."""
+        offset = position - self.start
+        return self.matrices[offset : offset + 1].reshape(self.matrices.shape[1:])
+
+    @classmethod
+    def build(cls, head_dim: int, base: float, scale: float, start: int, count: int) -> "RotationTable":
+        matrices = _host_rotations(head_dim, base, np.arange(start, start + count), scale)
+        return cls(base, scale, start, paddle.to_tensor(matrices.reshape([count, 1, 1, 1, head_dim, head_dim])))
 
 
 @dataclass
@@ -124,13 +153,20 @@ class Rotary:
 
 
 def rotary_for(config, past: int, new_tokens: int, position_ids: Optional[paddle.Tensor],
-               scale: float = 1.0) -> Rotary:
+               scale: float = 1.0, holder: Any = None) -> Rotary:
     """The rotation for positions ``past .. past+t-1`` (or ``position_ids`` ``[b, t]``); the
     base depends on the total length ``past + t`` (dynamic NTK). ``scale`` multiplies the
-    rotated vectors (a free way to fold a constant factor into q and k)."""
+    rotated vectors (a free way to fold a constant factor into q and k). ``holder``: an object
+    with a ``rotations`` attribute (the KV cache) that keeps the :class:`RotationTable` of
+    the coming decode steps."""
     base = rope_base(config, past + new_tokens)
-    if new_tokens == 1 and position_ids is None:  # a decode step: one host-built matrix, one transfer
-        return Rotary(matrix=paddle.to_tensor(_host_rotation(config.head_dim, base, past, scale)))
+    if new_tokens == 1 and position_ids is None:  # a decode step: host-built matrices, sent a block at a time
+        table = getattr(holder, "rotations", None)
+        if table is None or not table.covers(base, scale, past):
+            table = RotationTable.build(config.head_dim, base, scale, past, ROTATION_BLOCK)
+            if holder is not None:
+                holder.rotations = table
+        return Rotary(matrix=table.at(past))
     inv_freq = rope_inv_freq(config.head_dim, base)
     if position_ids is None:
         positions = paddle.arange(past, past + new_tokens, dtype="float32").unsqueeze(0)
