@@ -169,7 +169,7 @@ def generate_tokens(
                 chosen = _choose(scores, settings)
             token = np.where(finished, settings.pad_token_id, chosen).astype(np.int64)
             yield token, (scores if output_scores else None)
-            finished |= np.isin(token, eos)
+            finished |= (token[:, None] == eos[None, :]).any(-1)  # np.isin costs ~10x more on a few ids
             if finished.all() or step == settings.max_new_tokens - 1:
                 return
             token_tensor = paddle.to_tensor(token[:, None])

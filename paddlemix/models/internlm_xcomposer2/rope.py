@@ -13,6 +13,7 @@ from typing import Any, Optional
 
 import numpy as np
 import paddle
+from paddle import _C_ops
 
 __all__ = ["rope_base", "rope_inv_freq", "rotary_cos_sin", "apply_rotary", "Rotary", "RotationTable", "rotary_for"]
 
@@ -104,7 +105,7 @@ ROTATION_BLOCK = 16  # decode positions whose rotations are built on the host an
 
 @dataclass
 class RotationTable:
-    """Rotation matrices ``[n, 1, 1, 1, d, d]`` of positions ``start .. start+n-1`` for one
+    """Rotation matrices ``[n, 1, 1, d, d]`` of positions ``start .. start+n-1`` for one
     base and scale: a decode step takes its matrix as a view instead of building and
     sending one (a host computation and a transfer per token)."""
 
@@ -120,12 +121,12 @@ class RotationTable:
     def at(self, position: int) -> paddle.Tensor:
         """``[1, 1, 1, d, d]``: a contiguous view of the table (no copy)."""
         offset = position - self.start
-        return self.matrices[offset : offset + 1].reshape(self.matrices.shape[1:])
+        return _C_ops.slice(self.matrices, [0], [offset], [offset + 1], [1], [])
 
     @classmethod
     def build(cls, head_dim: int, base: float, scale: float, start: int, count: int) -> "RotationTable":
         matrices = _host_rotations(head_dim, base, np.arange(start, start + count), scale)
-        return cls(base, scale, start, paddle.to_tensor(matrices.reshape([count, 1, 1, 1, head_dim, head_dim])))
+        return cls(base, scale, start, paddle.to_tensor(matrices.reshape([count, 1, 1, head_dim, head_dim])))
 
 
 @dataclass
