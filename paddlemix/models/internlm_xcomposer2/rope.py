@@ -164,7 +164,7 @@ def rotary_for(config, past: int, new_tokens: int, position_ids: Optional[paddle
     if new_tokens == 1 and position_ids is None:  # a decode step: host-built matrices, sent a block at a time
         table = getattr(holder, "rotations", None)
         if table is None or not table.covers(base, scale, past):
-            table = RotationTable.build(config.head_dim, base, scale, past, ROTATION_BLOCK)
+            table = RotationTable.build(config.head_dim, base, scale, past, ROTATION_BLOCK if holder is not None else 1)
             if holder is not None:
                 holder.rotations = table
         return Rotary(matrix=table.at(past))
