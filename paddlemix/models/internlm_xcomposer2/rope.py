@@ -53,8 +53,8 @@ def rotary_cos_sin(positions: paddle.Tensor, inv_freq: paddle.Tensor):
 def apply_rotary(x: paddle.Tensor, cos: paddle.Tensor, sin: paddle.Tensor) -> paddle.Tensor:
     """Rotate-half RoPE: ``x * cos + rotate_half(x) * sin``; ``cos``/``sin`` broadcast to ``x``
     (their last axis is ``d``)."""
-    half = x.shape[-1] // 2
-    rotated = paddle.concat([-x[..., half:], x[..., :half]], axis=-1)
+    first, second = paddle.split(x, 2, axis=-1)  # not slices: see InternLM2Attention.forward
+    rotated = paddle.concat([-second, first], axis=-1)
     return x * cos.astype(x.dtype) + rotated * sin.astype(x.dtype)
 
 
