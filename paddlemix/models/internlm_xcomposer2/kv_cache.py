@@ -5,6 +5,11 @@ grown in blocks of ``BLOCK`` positions. A forward writes its new keys/values at
 ``[length, length + t)``; attention then reads the *whole* buffer (contiguous — a slice
 ``[:, :, :length]`` is strided, and every matmul on it would copy it first) and the
 causal mask hides the positions not written yet.
+
+A cache serves one generation, so it also carries what decode steps reuse from one token
+to the next instead of rebuilding it every time: the fused-path decision and weights
+(``fast_decode``), the additive mask (``step_mask``) and a block of rotation matrices
+(``rotations``).
 """
 from __future__ import annotations
 
