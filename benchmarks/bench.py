@@ -606,8 +606,17 @@ def load_child(directory: str) -> None:
                       "final_rss": psutil.Process().memory_info().rss, "param_bytes": param_bytes(model)}))
 
 
+def paddle_import_rss() -> int:
+    """RSS of a fresh Python that imported Paddle and nothing else: with the weights on top, the
+    lowest peak any Paddle program that holds them can reach."""
+    code = "import os, paddle, psutil; print(psutil.Process(os.getpid()).memory_info().rss)"
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    return int(out.stdout.strip().splitlines()[-1])
+
+
 def cmd_load(model, args) -> Dict[str, Any]:
     params = param_bytes(model)
+    paddle_only = paddle_import_rss()
     with tempfile.TemporaryDirectory(prefix="ixc2-bench-load-") as directory:
         size = save_hf_safetensors(model, directory)
         log(f"load: saved {size / 1e9:.2f} GB HF-layout safetensors; from_pretrained in a child process per run")
@@ -639,10 +648,14 @@ def cmd_load(model, args) -> Dict[str, Any]:
     }
     return write_result("load", {"figures": figures, "param_bytes": params, "file_bytes": size,
                                  "baseline_rss_gb": statistics.median(r["baseline_rss"] / 1e9 for r in runs),
+                                 "paddle_import_rss_gb": paddle_only / 1e9,
+                                 "floor_over_param_bytes": (paddle_only + params) / params,
                                  "others_cpu_percent": [r["others_cpu_percent"] for r in runs],
                                  "notes": "peak RSS (VmHWM) of a fresh child process (python + paddle + paddlenlp "
                                           "imports included = baseline) during from_pretrained of the HF-layout "
-                                          "safetensors"},
+                                          "safetensors; floor = (RSS after importing Paddle alone + the "
+                                          "parameter bytes) / parameter bytes: no Paddle process holding the "
+                                          "weights can peak lower"},
                         args)
 
 
