@@ -66,11 +66,12 @@ def test_decode_rotations_come_from_a_table_that_is_rebuilt_when_it_runs_out_or_
         np.testing.assert_allclose(rotated, 0.5 * apply_rotary(x, cos, sin).numpy(), atol=1e-5)
         standalone = rotary_for(cfg, position, 1, None, scale=0.5).matrix.numpy()
         np.testing.assert_array_equal(holder.rotations.at(position).numpy(), standalone)
-    # one table for the first block; a new one at the block's end, and for every step past
-    # the NTK limit (the base changes with the length)
+    # one table for the first block; at its end, one that stops at the NTK limit (40); past the
+    # limit the base changes with every length, so one matrix per step
     assert len({id(t) for t in tables[:ROTATION_BLOCK]}) == 1
     assert tables[ROTATION_BLOCK] is not tables[0]
     assert tables[-1] is not tables[-2] and tables[-2] is not tables[-3]
+    assert [t.matrices.shape[0] for t in tables[ROTATION_BLOCK:]] == [1, 1, 1]
 
 
 def test_causal_mask_with_padding_and_cache_tail():
@@ -161,6 +162,24 @@ def test_step_mask_is_updated_in_place_and_equals_a_fresh_decode_mask():
     assert step_mask(cache, 1, 2, 3).shape == [1, 2, 3, cache.capacity]
 
 
+def test_gradients_flow_through_a_kv_cache_as_through_one_forward(tiny_model):
+    """With gradients on, cached steps write the cache out of place: backward through two decode
+    steps works (an in-place write would invalidate what the first step saved) and equals the
+    gradient of the same logits from one forward over the whole sequence."""
+    ids = paddle.to_tensor([[1, 333, 444, 555, 666, 777]])
+    embeds = tiny_model.model.embed(ids).detach()
+    embeds.stop_gradient = False
+    cache = tiny_model(inputs_embeds=embeds[:, :4], use_cache=True).past_key_values
+    first = tiny_model(inputs_embeds=embeds[:, 4:5], past_key_values=cache).logits
+    second = tiny_model(inputs_embeds=embeds[:, 5:6], past_key_values=cache).logits
+    (first.sum() + second.sum()).backward()
+    through_cache = embeds.grad.numpy().copy()
+    embeds.clear_gradient()
+    full = tiny_model(inputs_embeds=embeds).logits
+    (full[:, 4].sum() + full[:, 5].sum()).backward()
+    np.testing.assert_allclose(through_cache, embeds.grad.numpy(), rtol=1e-5, atol=1e-3)
+
+
 def _decode(model, embeds, steps, attention_mask=None):
     """Prefill ``embeds``, then ``steps`` greedy tokens through the cache: every step's logits + the cache."""
     positions = None
@@ -182,8 +201,14 @@ def _decode(model, embeds, steps, attention_mask=None):
 @pytest.mark.parametrize("padded", [False, True])
 def test_fast_decode_step_is_bit_identical_to_the_layers(tiny_model, golden, monkeypatch, padded):
     """The fused decode path (fast_decode) computes exactly what the decoder layers compute:
-    one row without padding (host-built mask and rotation) and a left-padded batch."""
+    one row without padding (host-built mask and rotation) and a left-padded batch, over
+    enough steps to cross rotation tables, a cache capacity block and the NTK limit (the
+    state kept in the cache between steps must stay right)."""
     import paddlemix.models.internlm_xcomposer2.internlm2 as internlm2
+    from paddlemix.models.internlm_xcomposer2.kv_cache import BLOCK
+
+    steps = BLOCK
+    monkeypatch.setattr(tiny_model.config, "max_position_embeddings", 60)  # past it, the base moves every step
 
     ids = paddle.to_tensor(golden["text_input_ids"])[None]
     embeds, attention_mask = tiny_model.model.embed(ids), None
@@ -192,10 +217,10 @@ def test_fast_decode_step_is_bit_identical_to_the_layers(tiny_model, golden, mon
         attention_mask = paddle.to_tensor([[1] * ids.shape[1], [0] * 3 + [1] * (ids.shape[1] - 3)])
     taken = []
     monkeypatch.setattr(internlm2, "decode_layers", lambda *a: taken.append(1) or fast_decode_layers(*a))
-    fast_logits, fast_cache = _decode(tiny_model, embeds, 6, attention_mask)
-    assert len(taken) == 6 and fast_cache.fast_decode
+    fast_logits, fast_cache = _decode(tiny_model, embeds, steps, attention_mask)
+    assert len(taken) == steps and fast_cache.fast_decode and fast_cache.capacity > BLOCK
     monkeypatch.setattr(internlm2, "can_decode_fast", lambda *a: False)
-    slow_logits, slow_cache = _decode(tiny_model, embeds, 6, attention_mask)
+    slow_logits, slow_cache = _decode(tiny_model, embeds, steps, attention_mask)
     for fast, slow in zip(fast_logits, slow_logits):
         np.testing.assert_array_equal(fast, slow)
     for layer in range(len(fast_cache.keys)):

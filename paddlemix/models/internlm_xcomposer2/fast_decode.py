@@ -109,7 +109,7 @@ def decode_layers(plan: Union[DecodePlan, bool, None], x: paddle.Tensor, rotatio
     after :func:`can_decode_fast` said yes. ``rotation`` ``[b|1, 1, 1, d, d]`` (scaled, see
     ``rotary_for``); ``mask`` additive ``[b, nkv, groups, L]``, ``[b, 1, L]`` or ``None``."""
     if not isinstance(plan, DecodePlan):
-        raise ValueError("decode_layers needs the DecodePlan can_decode_fast stored in cache.fast_decode")
+        raise TypeError("decode_layers needs the DecodePlan can_decode_fast stored in cache.fast_decode")
     b = x.shape[0]
     pos = cache.length
     nkv, hd, groups = plan.num_kv_heads, plan.head_dim, plan.groups

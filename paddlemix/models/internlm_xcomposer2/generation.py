@@ -143,7 +143,8 @@ def generate_tokens(
     others repeats one of its ids). ``attention_mask`` ``[b, T]`` marks left padding;
     finished rows keep receiving ``pad_token_id``. The prompt runs once (prefill), then one
     token per row per step through the KV cache; the only device→host transfer per step is
-    the chosen ids. Generated tokens are text: no ``im_mask``, so no PLoRA.
+    the chosen ids (greedy on a CPU: the last logits, chosen in numpy). Generated tokens are
+    text: no ``im_mask``, so no PLoRA.
     """
     settings.validate()
     b, t = inputs_embeds.shape[:2]

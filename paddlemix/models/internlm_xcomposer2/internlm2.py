@@ -22,7 +22,8 @@ from .kv_cache import KVCache
 from .plora import ImageRows, PLoRALinear
 from .rope import Rotary, rotary_for
 
-__all__ = ["RMSNorm", "causal_mask", "decode_mask", "expand_mask", "grouped_attention", "InternLM2Model"]
+__all__ = ["RMSNorm", "causal_mask", "decode_mask", "step_mask", "expand_mask", "grouped_attention",
+           "InternLM2Model"]
 
 MASK_EXPAND_LIMIT = 16 * 1024**2  # elements (64 MB in float32) of an expanded mask / rotary table
 

@@ -75,10 +75,20 @@ class KVCache:
             self.values[layer] = paddle.concat(head + [value.astype(self.dtype), self._zeros(tail)], axis=2)
             if not self.length:
                 return key, value
+        elif paddle.is_grad_enabled():
+            # out of place: an earlier step's attention kept the old buffers for its backward,
+            # and an in-place write would invalidate them
+            self.keys[layer] = self._written(self.keys[layer], key.astype(self.dtype))
+            self.values[layer] = self._written(self.values[layer], value.astype(self.dtype))
         else:
             self.keys[layer][:, :, self.length : self.length + t] = key
             self.values[layer][:, :, self.length : self.length + t] = value
         return self.keys[layer], self.values[layer]
+
+    def _written(self, buffer: paddle.Tensor, new: paddle.Tensor) -> paddle.Tensor:
+        """A copy of ``buffer`` with ``new`` at ``[length, length + t)``."""
+        end = self.length + new.shape[2]
+        return paddle.concat([buffer[:, :, : self.length], new, buffer[:, :, end:]], axis=2)
 
     def key_length(self, new_tokens: int) -> int:
         """How many keys attention sees in the coming forward of ``new_tokens`` tokens: the new

@@ -31,6 +31,16 @@ def rope_base(config, seq_len: int) -> float:
     return float(config.rope_theta) * ((factor * seq_len / limit) - (factor - 1)) ** (dim / (dim - 2))
 
 
+def positions_sharing_base(config, position: int, limit: int) -> int:
+    """How many positions from ``position`` on (at most ``limit``) decode with the same base as
+    ``position``: up to ``max_position_embeddings`` under dynamic NTK, then one (the base grows
+    with every token)."""
+    scaling = config.rope_scaling or {}
+    if scaling.get("type") != "dynamic":
+        return limit
+    return max(1, min(limit, config.max_position_embeddings - position))
+
+
 def rope_inv_freq(head_dim: int, base: float) -> paddle.Tensor:
     """``1 / base^(arange(0, d, 2)/d)`` in float32, ``[d/2]`` (computed once per base and device:
     decoding asks for it every token)."""
@@ -164,7 +174,8 @@ def rotary_for(config, past: int, new_tokens: int, position_ids: Optional[paddle
     if new_tokens == 1 and position_ids is None:  # a decode step: host-built matrices, sent a block at a time
         table = getattr(holder, "rotations", None)
         if table is None or not table.covers(base, scale, past):
-            table = RotationTable.build(config.head_dim, base, scale, past, ROTATION_BLOCK if holder is not None else 1)
+            count = positions_sharing_base(config, past, ROTATION_BLOCK) if holder is not None else 1
+            table = RotationTable.build(config.head_dim, base, scale, past, count)
             if holder is not None:
                 holder.rotations = table
         return Rotary(matrix=table.at(past))
