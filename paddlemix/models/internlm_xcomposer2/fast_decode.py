@@ -3,7 +3,7 @@ decoder layers with as little per-op overhead as the framework allows.
 
 Decoding a small or GPU-resident model is bound by per-op dispatch, not arithmetic: the
 layer-by-layer path (``InternLM2DecoderLayer``) spends ~10 ``Layer.__call__``s, Python
-wrappers and 27 ops per layer. Here the same kernels compute the same values — bit-identical
+wrappers and ~28 ops per layer. Here the same kernels compute the same values — bit-identical
 in float32 (tested against the layers) — in 20 ops per layer:
 
 * the residual add is fused into the following RMSNorm (``fused_rms_norm(..., residual=x)``
