@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 logger = logging.getLogger(__name__)
 
@@ -20,18 +20,24 @@ def normalise_answer(text: str) -> str:
     return re.sub(r"[\s.!。！]+$", "", text.strip().lower())
 
 
-def answer_samples(model, tokenizer, samples: Sequence) -> List[Tuple[str, str, str]]:
+def answer_samples(model, tokenizer, samples: Sequence, meta_instruction: Optional[str] = None,
+                   max_new_tokens: Optional[int] = None) -> List[Tuple[str, str, str]]:
     """``(question, model answer, reference)`` for the last turn of every sample, the earlier
-    turns given as history and all the sample's images passed."""
+    turns given as history and all the sample's images passed. ``meta_instruction``: the chat's
+    system prompt (None: the official default); ``max_new_tokens`` (None: the reference's length
+    plus ``EXTRA_NEW_TOKENS``)."""
     results = []
+    extra: Dict[str, Any] = {} if meta_instruction is None else {"meta_instruction": meta_instruction}
     was_training = model.training
     model.eval()
     try:
         for sample in samples:
             *history, (question, reference) = sample.conversation
-            budget = len(tokenizer(reference, add_special_tokens=False)["input_ids"]) + EXTRA_NEW_TOKENS
+            budget = max_new_tokens
+            if budget is None:
+                budget = len(tokenizer(reference, add_special_tokens=False)["input_ids"]) + EXTRA_NEW_TOKENS
             answer, _ = model.chat(tokenizer, question, image=list(sample.images) or None, history=list(history),
-                                   do_sample=False, max_new_tokens=budget)
+                                   do_sample=False, max_new_tokens=budget, **extra)
             results.append((question, answer, reference))
     finally:
         if was_training:

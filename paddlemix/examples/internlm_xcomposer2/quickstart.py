@@ -135,18 +135,14 @@ def answer_held_out(checkpoint: Path, eval_json: Path) -> List[Tuple[str, str, s
     ``(question, answer, truth)``. Without a system prompt, as in training (the fine-tuning format has
     none): a model this small has never seen the default one and does not generalise to it."""
     from paddlemix.datasets.chatml_dataset import read_chatml
+    from paddlemix.finetune.evaluation import answer_samples
     from paddlemix.models.internlm_xcomposer2 import InternLMXComposer2ForCausalLM, InternLMXComposer2Tokenizer
 
     with quiet_native_stderr():
         tokenizer = InternLMXComposer2Tokenizer.from_pretrained(str(checkpoint))
     model = InternLMXComposer2ForCausalLM.from_pretrained(str(checkpoint))
-    results = []
-    for sample in read_chatml(str(eval_json), strict=True):
-        (question, truth), = sample.conversation
-        answer, _ = model.chat(tokenizer, question, image=sample.images, do_sample=False,
-                               max_new_tokens=MAX_NEW_TOKENS, meta_instruction="")
-        results.append((question, answer, truth))
-    return results
+    return answer_samples(model, tokenizer, read_chatml(str(eval_json), strict=True), meta_instruction="",
+                          max_new_tokens=MAX_NEW_TOKENS)
 
 
 def accuracy_by_type(results: Sequence[Tuple[str, str, str]]) -> Dict[str, Tuple[int, int]]:
