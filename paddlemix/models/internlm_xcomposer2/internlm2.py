@@ -252,14 +252,13 @@ class InternLM2Model(nn.Layer):
         if cache is not None:
             cache.reserve(new_tokens)
         cfg = self.config
-        qk_shape = [inputs_embeds.shape[0], new_tokens, cfg.num_key_value_heads,
-                    cfg.num_attention_heads // cfg.num_key_value_heads + 1, cfg.head_dim]
+        groups = cfg.num_attention_heads // cfg.num_key_value_heads
+        qk_shape = [inputs_embeds.shape[0], new_tokens, cfg.num_key_value_heads, groups + 1, cfg.head_dim]
         # q and k both scaled by d^-1/4 inside the rotation: their product carries the 1/sqrt(d)
         # of attention, so no layer spends an op on it (the cache holds the scaled keys)
         rope = rotary_for(cfg, past, new_tokens, position_ids, scale=cfg.head_dim**-0.25, holder=cache).expanded(
             qk_shape, MASK_EXPAND_LIMIT)
         key_length = cache.key_length(new_tokens) if cache is not None else new_tokens
-        groups = cfg.num_attention_heads // cfg.num_key_value_heads
         if attention_mask is None and new_tokens == 1 and key_length > past + 1:
             mask = step_mask(cache, inputs_embeds.shape[0], cfg.num_key_value_heads, groups)
         else:
