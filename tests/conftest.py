@@ -38,6 +38,27 @@ def loopback_no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("no_proxy", LOOPBACK_NO_PROXY)
 
 
+def norm_kernel_paths() -> list:
+    """The RMSNorm kernels this machine can run: the plain one everywhere, the fused one only
+    with AVX-512 (Paddle's CPU kernel has no CPU check; see ``kernels.py``)."""
+    from paddlemix.models.internlm_xcomposer2.kernels import cpu_has_avx512
+
+    return ["plain", "fused"] if cpu_has_avx512() else ["plain"]
+
+
+@pytest.fixture(params=norm_kernel_paths())
+def norm_kernels(request) -> Iterator[str]:
+    """Runs a test once per kernel path this CPU can take, forcing it for the test's duration."""
+    from paddlemix.models.internlm_xcomposer2.kernels import fused_kernels_on_cpu, set_fused_kernels_on_cpu
+
+    set_fused_kernels_on_cpu(request.param == "fused")
+    assert fused_kernels_on_cpu() == (request.param == "fused")
+    try:
+        yield request.param
+    finally:
+        set_fused_kernels_on_cpu(None)
+
+
 @pytest.fixture(scope="session")
 def tiny_dir() -> Path:
     if not TINY.is_dir():

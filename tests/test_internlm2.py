@@ -199,10 +199,10 @@ def _decode(model, embeds, steps, attention_mask=None):
 
 
 @pytest.mark.parametrize("padded", [False, True])
-def test_fast_decode_step_is_bit_identical_to_the_layers(tiny_model, golden, monkeypatch, padded):
+def test_fast_decode_step_is_bit_identical_to_the_layers(tiny_model, golden, monkeypatch, padded, norm_kernels):
     """The fused decode path (fast_decode) computes exactly what the decoder layers compute:
-    one row without padding (host-built mask and rotation) and a left-padded batch, over
-    enough steps to cross rotation tables, a cache capacity block and the NTK limit (the
+    one row without padding (host-built mask and rotation) and a left-padded batch, on each
+    norm kernel this CPU can run (fused: residual adds folded into the norms), over enough steps to cross rotation tables, a cache capacity block and the NTK limit (the
     state kept in the cache between steps must stay right)."""
     import paddlemix.models.internlm_xcomposer2.internlm2 as internlm2
     from paddlemix.models.internlm_xcomposer2.kv_cache import BLOCK
@@ -219,6 +219,7 @@ def test_fast_decode_step_is_bit_identical_to_the_layers(tiny_model, golden, mon
     monkeypatch.setattr(internlm2, "decode_layers", lambda *a: taken.append(1) or fast_decode_layers(*a))
     fast_logits, fast_cache = _decode(tiny_model, embeds, steps, attention_mask)
     assert len(taken) == steps and fast_cache.fast_decode and fast_cache.capacity > BLOCK
+    assert fast_cache.fast_decode.fused_norm == (norm_kernels == "fused")
     monkeypatch.setattr(internlm2, "can_decode_fast", lambda *a: False)
     slow_logits, slow_cache = _decode(tiny_model, embeds, steps, attention_mask)
     for fast, slow in zip(fast_logits, slow_logits):
@@ -238,13 +239,13 @@ def test_fast_decode_is_not_taken_when_a_layer_is_hooked_or_wrapped(tiny_model, 
     from paddlemix.models.internlm_xcomposer2.fast_decode import can_decode_fast
     from paddlemix.models.internlm_xcomposer2.plora import PLoRALinear
 
-    layers, rotation = tiny_model.model.layers, paddle.eye(4)
+    layers, norm, rotation = tiny_model.model.layers, tiny_model.model.norm, paddle.eye(4)
     cache = KVCache(len(layers), 1, 2, 4)
     cache.length = 3
-    assert not can_decode_fast(layers, 1, cache, None, rotation)  # gradients wanted
+    assert not can_decode_fast(layers, norm, 1, cache, None, rotation)  # gradients wanted
     with paddle.no_grad():
-        assert can_decode_fast(layers, 1, cache, None, rotation)
-        assert not can_decode_fast(layers, 2, KVCache(len(layers), 1, 2, 4), None, None)  # prefill
+        assert can_decode_fast(layers, norm, 1, cache, None, rotation)
+        assert not can_decode_fast(layers, norm, 2, KVCache(len(layers), 1, 2, 4), None, None)  # prefill
     calls = []
     hook = layers[1].feed_forward.w2.register_forward_post_hook(lambda *a: calls.append(1))
     try:
@@ -264,6 +265,6 @@ def test_fast_decode_is_not_taken_when_a_layer_is_hooked_or_wrapped(tiny_model, 
         fresh = KVCache(len(layers), 1, 2, 4)
         fresh.length = 3
         with paddle.no_grad():
-            assert not can_decode_fast(layers, 1, fresh, None, rotation)
+            assert not can_decode_fast(layers, norm, 1, fresh, None, rotation)
     finally:
         layers[0].attention.wo = original

@@ -4,11 +4,14 @@ decoder layers with as little per-op overhead as the framework allows.
 Decoding a small or GPU-resident model is bound by per-op dispatch, not arithmetic: the
 layer-by-layer path (``InternLM2DecoderLayer``) spends ~10 ``Layer.__call__``s, Python
 wrappers and ~28 ops per layer. Here the same kernels compute the same values — bit-identical
-in float32 (tested against the layers) — in 20 ops per layer:
+in float32 (tested against the layers, on either norm kernel) — in 20 ops per layer (24 with
+the plain norm):
 
-* the residual add is fused into the following RMSNorm (``fused_rms_norm(..., residual=x)``
-  returns ``norm(a + x)`` and ``a + x``), saving two ops per layer (in bfloat16 the fused add
-  may round differently from a separate one);
+* where the machine has a fused RMSNorm (:mod:`.kernels`: GPU, or CPU with AVX-512), the
+  residual add is fused into the following norm (``fused_rms_norm(..., residual=x)`` returns
+  ``norm(a + x)`` and ``a + x``), saving two ops per layer (in bfloat16 the fused add may round
+  differently from a separate one); elsewhere the layers' own plain norm, whose
+  ``weight·sqrt(H)`` is computed once per generation;
 * q, k and v are cut apart with ``split``, whose outputs are contiguous copies: a ``slice``
   is a strided view, and every kernel that reads a view (the cache write, the q·k matmul)
   first makes it contiguous in a hidden extra op (~4 µs each on CPU, measured);
@@ -28,6 +31,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import paddle
 from paddle import _C_ops
 
+from .kernels import norm_weight_for, rms_norm, use_fused_norm
 from .kv_cache import KVCache
 from .plora import PLoRALinear
 
@@ -36,11 +40,11 @@ __all__ = ["DecodePlan", "can_decode_fast", "decode_layers"]
 _LINEARS = (("attention", "wqkv"), ("attention", "wo"), ("feed_forward", "w1"), ("feed_forward", "w3"),
             ("feed_forward", "w2"))
 
-# (weight, bias or None) of a linear; a layer: attention norm (weight, eps), wqkv, wo,
-# ffn norm (weight, eps), w1, w3, w2
+# (weight, bias or None) of a linear; a norm: (weight, eps, weight·sqrt(H) for the plain
+# kernel or None); a layer: attention norm, wqkv, wo, ffn norm, w1, w3, w2
 _Linear = Tuple[paddle.Tensor, Optional[paddle.Tensor]]
-_LayerWeights = Tuple[Tuple[paddle.Tensor, float], _Linear, _Linear, Tuple[paddle.Tensor, float], _Linear, _Linear,
-                      _Linear]
+_Norm = Tuple[paddle.Tensor, float, Optional[paddle.Tensor]]
+_LayerWeights = Tuple[_Norm, _Linear, _Linear, _Norm, _Linear, _Linear, _Linear]
 
 
 def _plain(layer: paddle.nn.Layer) -> bool:
@@ -54,31 +58,37 @@ def _plain(layer: paddle.nn.Layer) -> bool:
 
 
 class DecodePlan:
-    """The decoder's weights, head layout and norm epsilons, read once per generation."""
+    """The decoder's weights, head layout, norm epsilons and norm kernel, read once per generation."""
 
-    def __init__(self, layers: Sequence[paddle.nn.Layer]) -> None:
+    def __init__(self, layers: Sequence[paddle.nn.Layer], final_norm: paddle.nn.Layer) -> None:
         attention = layers[0]._sub_layers["attention"]
         self.num_kv_heads, self.head_dim = attention.num_kv_heads, attention.head_dim
         self.groups = attention.num_heads // attention.num_kv_heads
+        self.fused_norm = use_fused_norm(final_norm._parameters["weight"])
         self.layers: List[_LayerWeights] = [self._weights(layer) for layer in layers]
+        self.final_norm = self._norm(final_norm)
 
-    @staticmethod
-    def _weights(layer: paddle.nn.Layer) -> _LayerWeights:
+    def _norm(self, layer: paddle.nn.Layer) -> _Norm:
+        weight = layer._parameters["weight"]
+        plain_weight = None if self.fused_norm or weight.dtype != paddle.float32 else norm_weight_for(weight)
+        return weight, layer.eps, plain_weight
+
+    def _weights(self, layer: paddle.nn.Layer) -> _LayerWeights:
         parts = layer._sub_layers
 
         def linear(part: str, name: str) -> _Linear:
             params = parts[part]._sub_layers[name]._parameters
             return params["weight"], params.get("bias")
 
-        def norm(name: str) -> Tuple[paddle.Tensor, float]:
-            return parts[name]._parameters["weight"], parts[name].eps
+        def norm(name: str) -> _Norm:
+            return self._norm(parts[name])
 
         return (norm("attention_norm"), linear("attention", "wqkv"), linear("attention", "wo"), norm("ffn_norm"),
                 linear("feed_forward", "w1"), linear("feed_forward", "w3"), linear("feed_forward", "w2"))
 
 
-def can_decode_fast(layers: Sequence[paddle.nn.Layer], new_tokens: int, cache: Optional[KVCache],
-                    image_rows, rotation: Optional[paddle.Tensor]) -> bool:
+def can_decode_fast(layers: Sequence[paddle.nn.Layer], final_norm: paddle.nn.Layer, new_tokens: int,
+                    cache: Optional[KVCache], image_rows, rotation: Optional[paddle.Tensor]) -> bool:
     """Whether :func:`decode_layers` computes exactly what the layers would for this forward.
     The layers are checked, and their weights gathered into ``cache.fast_decode`` (a
     :class:`DecodePlan`), once per cache: one generation, during which they do not change."""
@@ -86,7 +96,7 @@ def can_decode_fast(layers: Sequence[paddle.nn.Layer], new_tokens: int, cache: O
             and rotation is not None and not paddle.is_grad_enabled()):
         return False
     if cache.fast_decode is None:
-        cache.fast_decode = DecodePlan(layers) if all(_plain(layer) for layer in layers) else False
+        cache.fast_decode = DecodePlan(layers, final_norm) if all(_plain(layer) for layer in layers) else False
     return bool(cache.fast_decode)
 
 
@@ -96,14 +106,8 @@ def _linear(x: paddle.Tensor, linear: _Linear) -> paddle.Tensor:
     return y if bias is None else _C_ops.add(y, bias)
 
 
-def _rms(x: paddle.Tensor, norm: Tuple[paddle.Tensor, float], residual: Optional[paddle.Tensor]):
-    """``(norm(x + residual), x + residual)`` in one kernel (``residual`` None: ``(norm(x), x)``)."""
-    out = _C_ops.fused_rms_norm_quant(x, None, residual, norm[0], None, norm[1], x.ndim - 1, -1.0, 0, 0.0, 0.0)
-    return out[0], (out[1] if residual is not None else x)
-
-
 def decode_layers(plan: Union[DecodePlan, bool, None], x: paddle.Tensor, rotation: paddle.Tensor,
-                  mask: Optional[paddle.Tensor], cache: KVCache, final_norm) -> paddle.Tensor:
+                  mask: Optional[paddle.Tensor], cache: KVCache) -> paddle.Tensor:
     """``x`` ``[b, 1, H]`` embeddings → final-normed hidden ``[b, 1, H]``, writing each layer's
     key/value at position ``cache.length`` (the caller commits). ``plan``: ``cache.fast_decode``
     after :func:`can_decode_fast` said yes. ``rotation`` ``[b|1, 1, 1, d, d]`` (scaled, see
@@ -120,9 +124,14 @@ def decode_layers(plan: Union[DecodePlan, bool, None], x: paddle.Tensor, rotatio
     rotation = _C_ops.reshape(rotation, [rotation.shape[0], 1, rotation.shape[-2], rotation.shape[-1]])
     if rotation.dtype != x.dtype:  # once per step, not per layer
         rotation = _C_ops.cast(rotation, x.dtype)
+    fused = plan.fused_norm
+
+    def norm(h: paddle.Tensor, weights: _Norm, residual: Optional[paddle.Tensor]):
+        return rms_norm(h, weights[0], weights[1], fused, weights[2], residual)
+
     pending = None  # the previous block's output, not yet added to the residual stream x
     for idx, (att_norm, wqkv, wo, ffn_norm, w1, w3, w2) in enumerate(plan.layers):
-        h, x = _rms(pending if pending is not None else x, att_norm, x if pending is not None else None)
+        h, x = norm(pending if pending is not None else x, att_norm, x if pending is not None else None)
         qkv = _C_ops.reshape(_linear(h, wqkv), [b, nkv, groups + 2, hd])
         qk, v = _C_ops.split(qkv, [groups + 1, 1], 2)
         q, k = _C_ops.split(_C_ops.matmul(qk, rotation, False, False), [groups, 1], 2)
@@ -138,7 +147,7 @@ def decode_layers(plan: Union[DecodePlan, bool, None], x: paddle.Tensor, rotatio
         if probs.dtype != values.dtype:
             probs = _C_ops.cast(probs, values.dtype)
         attended = _C_ops.reshape(_C_ops.matmul(probs, values, False, False), [b, 1, heads_width])
-        h, x = _rms(_linear(attended, wo), ffn_norm, x)
+        h, x = norm(_linear(attended, wo), ffn_norm, x)
         gate = _C_ops.silu(_linear(h, w1))
         pending = _linear(_C_ops.multiply(gate, _linear(h, w3)), w2)
-    return _rms(pending, (final_norm._parameters["weight"], final_norm.eps), x)[0]
+    return norm(pending, plan.final_norm, x)[0]

@@ -14,10 +14,10 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 from paddle.distributed.fleet.utils import recompute
-from paddle.incubate.nn.functional import fused_rms_norm
 
 from .configuration import InternLMXComposer2Config
 from .fast_decode import can_decode_fast, decode_layers
+from .kernels import rms_norm, use_fused_norm
 from .kv_cache import KVCache
 from .plora import ImageRows, PLoRALinear
 from .rope import Rotary, rotary_for
@@ -37,8 +37,8 @@ class RMSNorm(nn.Layer):
         self.eps = eps
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        if not paddle.is_grad_enabled():  # inference: one fused kernel (it has no CPU backward)
-            return fused_rms_norm(x, self.weight, None, self.eps, x.ndim - 1)[0]
+        if not paddle.is_grad_enabled():  # inference: fused where the machine can run it (no CPU backward)
+            return rms_norm(x, self.weight, self.eps, use_fused_norm(x))[0]
         h = x if x.dtype == paddle.float32 else x.astype("float32")
         h = h * paddle.rsqrt((h * h).mean(-1, keepdim=True) + self.eps)  # h*h: pow(2) is far slower on CPU
         return self.weight * h.astype(x.dtype)
@@ -264,8 +264,9 @@ class InternLM2Model(nn.Layer):
         else:
             mask = expand_mask(causal_mask(new_tokens, past, key_length, attention_mask), inputs_embeds.shape[0],
                                cfg.num_key_value_heads, groups)
-        if not output_hidden_states and can_decode_fast(self.layers, new_tokens, cache, image_rows, rope.matrix):
-            x = decode_layers(cache.fast_decode, inputs_embeds, rope.matrix, mask, cache, self.norm)
+        if not output_hidden_states and can_decode_fast(self.layers, self.norm, new_tokens, cache, image_rows,
+                                                        rope.matrix):
+            x = decode_layers(cache.fast_decode, inputs_embeds, rope.matrix, mask, cache)
             cache.commit(new_tokens)
             return x, None
         hidden: List[paddle.Tensor] = []

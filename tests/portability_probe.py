@@ -1,0 +1,44 @@
+"""Run by ``test_portability.py`` in a child process, possibly on an emulated CPU without AVX-512.
+
+Greedy image chat, text chat and one training step on the golden fixture, printed as one JSON
+line; the test compares them with the golden outputs. Paddle's signal handler is switched off
+so that an illegal instruction kills the process at once (with it, the handler hangs under
+the emulator instead of exiting).
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import paddle
+
+
+def main(tiny_dir: str) -> None:
+    paddle.base.core.disable_signal_handler()
+    from conftest import tiny_overrides
+    from paddlemix.models.internlm_xcomposer2 import InternLMXComposer2ForCausalLM, InternLMXComposer2Tokenizer
+    from paddlemix.models.internlm_xcomposer2.checkpoint import load_config
+    from paddlemix.models.internlm_xcomposer2.kernels import fused_kernels_on_cpu
+
+    config = load_config(tiny_dir, **tiny_overrides())
+    model = InternLMXComposer2ForCausalLM.from_pretrained(tiny_dir, config=config)
+    tokenizer = InternLMXComposer2Tokenizer.from_pretrained(tiny_dir)
+    golden = json.loads(open(f"{tiny_dir}/golden.json", encoding="utf-8").read())
+    with np.load(f"{tiny_dir}/golden.npz") as z:
+        train = {k: z[k] for k in ("train_inputs_embeds", "train_im_mask", "train_attention_mask", "train_labels")}
+    image_ids, _ = model.generate_ids(tokenizer, golden["chat"]["query"], image=f"{tiny_dir}/img1.png",
+                                      do_sample=False, max_new_tokens=16)
+    text_ids, _ = model.generate_ids(tokenizer, golden["generate_text_only"]["query"], do_sample=False,
+                                     max_new_tokens=16)
+    out = model(inputs_embeds=paddle.to_tensor(train["train_inputs_embeds"])[None],
+                im_mask=paddle.to_tensor(train["train_im_mask"])[None],
+                attention_mask=paddle.to_tensor(train["train_attention_mask"])[None],
+                labels=paddle.to_tensor(train["train_labels"])[None])
+    out.loss.backward()
+    print(json.dumps({"fused_kernels_on_cpu": fused_kernels_on_cpu(), "image_ids": image_ids, "text_ids": text_ids,
+                      "loss": float(out.loss)}))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
