@@ -316,3 +316,61 @@ def test_eval_with_do_generation_reports_accuracy(tiny_model_dir, data_dir, tmp_
     assert "eval_loss" in metrics and 0.0 <= metrics["eval_generation_accuracy"] <= 1.0
     saved = json.loads((tmp_path / "o" / "sft_metrics.json").read_text())
     assert saved["eval_generation_accuracy"] == metrics["eval_generation_accuracy"]
+
+
+# --- the PaddleMIX README's example, verbatim -----------------------------------------------------
+PADDLEMIX_README_JSON = REPO_ROOT / "tests" / "data" / "paddlemix_readme_sft_argument.json"
+
+
+def _scienceqa_rows(root: Path, tiny_dir: Path) -> None:
+    """Rows in the PaddleMIX README's ScienceQA style: ``<img>train/N/image.png</img>``, the
+    question, its options on the following lines, the answer."""
+    for n, name in enumerate(("img1.png", "img2.png")):
+        (root / "train" / str(n)).mkdir(parents=True)
+        shutil.copy(tiny_dir / name, root / "train" / str(n) / "image.png")
+    rows = [{"id": f"identity_{i}", "conversations": [[
+        f"<img>train/{i % 2}/image.png</img>\nWhich is this organism's scientific name?\nCastor canadensis\n"
+        "North American beaver\n", "Castor canadensis"]]} for i in range(4)]
+    (root / "train.json").write_text(json.dumps(rows, indent=4), encoding="utf-8")
+    (root / "eval.json").write_text(json.dumps(rows[:2], indent=4), encoding="utf-8")
+
+
+def test_paddlemix_readme_sft_json_runs_verbatim_with_visualdl(tiny_model_dir, tiny_dir, tmp_path):
+    """PaddleMIX's own README example (bf16 + O1, evaluation and saving per epoch, no
+    ``report_to``, so the Trainer reports to VisualDL) with only the model path and data files
+    pointed at the fixture and a step limit added: it trains on a CPU, and VisualDL logs the loss
+    (protobuf 7 crashed it at the first log)."""
+    from visualdl import LogReader
+
+    values = json.loads(PADDLEMIX_README_JSON.read_text(encoding="utf-8"))
+    assert values["bf16"] is True and values["fp16_opt_level"] == "O1" and "report_to" not in values
+    _scienceqa_rows(tmp_path, tiny_dir)
+    values["model_name_or_path"] = str(tiny_model_dir)
+    values["dataset"]["train"][0]["data_files"] = str(tmp_path / "train.json")
+    values["dataset"]["eval"][0]["data_files"] = str(tmp_path / "eval.json")
+    values["max_steps"] = 2
+    (tmp_path / "sft_argument.json").write_text(json.dumps(values, indent=4), encoding="utf-8")
+    result = subprocess.run([sys.executable, str(SFT), "sft_argument.json"], capture_output=True, text=True,
+                            cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(_losses(result.stderr)) == 2
+    assert "reporting to VisualDL" in result.stderr and "training in float32" in result.stderr
+    records = list((tmp_path / "checkpoints" / "internlm_xcomposer_sft_ckpts" / "runs").glob("*/vdlrecords.*.log"))
+    assert len(records) == 1
+    reader = LogReader(file_path=str(records[0]))
+    assert len(reader.get_data("scalar", "train/loss")) == 2
+
+
+def test_visualdl_that_cannot_log_is_switched_off_with_one_warning(monkeypatch, caplog, tmp_path):
+    from paddlemix.finetune import reporting
+    from paddlenlp.trainer import TrainingArguments
+
+    assert reporting.visualdl_problem() is None  # the locked protobuf takes VisualDL's bool hparams
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=["visualdl"])
+    monkeypatch.setattr(reporting, "visualdl_problem", lambda: "protobuf 7.36.2 refuses the bool hparams")
+    with caplog.at_level("WARNING", logger="paddlemix.finetune.reporting"):
+        reporting.check_reporting(args)
+    assert args.report_to == []
+    assert [r.getMessage() for r in caplog.records if "VisualDL" in r.getMessage()] == [
+        "not reporting to VisualDL: protobuf 7.36.2 refuses the bool hparams; pip install -c constraints.txt protobuf "
+        'visualdl fixes it, or set "report_to": "none"']

@@ -19,6 +19,7 @@ from ..models.internlm_xcomposer2.processor import InternLMXComposer2Processor
 from .arguments import ArgumentError, DataArguments, ModelArguments
 from .checkpoints import CheckpointCompleteCallback, last_complete_checkpoint, set_aside_incomplete
 from .lora import PLoRALoRAModel, build_lora_config, load_adapter
+from .reporting import check_reporting
 from .safe_loading import ErrorCarryingCollator, ErrorCarryingDataset
 from .trainer import SFTTrainer
 
@@ -181,6 +182,7 @@ def _run_sft(model_args: ModelArguments, data_args: DataArguments, training: Tra
     if training.do_train and train_set is None:
         raise ArgumentError('do_train is set but dataset has no "train" files')
     carry = lambda dataset: ErrorCarryingDataset(dataset) if dataset is not None else None  # noqa: E731
+    check_reporting(training)
     trainer = SFTTrainer(model=model, args=training, train_dataset=carry(train_set), eval_dataset=carry(eval_set),
                          tokenizer=tokenizer, data_collator=build_collator(tokenizer.pad_token_id),
                          callbacks=[CheckpointCompleteCallback()])

@@ -38,13 +38,11 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from paddlemix.cli_utils import add_logging_args, quiet_native_stderr, run_cli, setup_logging
-
-from . import shapes_data
+from paddlemix.examples.internlm_xcomposer2 import shapes_data  # absolute: the file also runs by path
 
 DEFAULT_OUTPUT_DIR = "./ixc2_quickstart"
 DEFAULT_SEED = 0
-DEFAULT_NUM_TRAIN = 3000
-DEFAULT_NUM_EVAL = 300
+DEFAULT_NUM_TRAIN, DEFAULT_NUM_EVAL = shapes_data.DEFAULT_NUM_TRAIN, shapes_data.DEFAULT_NUM_EVAL
 ARGUMENT_FILE = Path(__file__).resolve().parents[2] / "config" / "internlm_xcomposer2" / "quickstart_argument.json"
 SHOWN_ANSWERS = 6  # question / answer / truth lines printed
 MAX_NEW_TOKENS = 8  # answers are 2-3 tokens; room to show a longer wrong one

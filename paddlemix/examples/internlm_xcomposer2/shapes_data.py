@@ -24,11 +24,12 @@ relative to the JSON file) next to an ``images/`` folder. Everything is determin
 """
 from __future__ import annotations
 
+import argparse
 import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from PIL import Image, ImageDraw
 
@@ -37,6 +38,7 @@ __all__ = ["COLOURS", "KINDS", "QUESTION_TYPES", "Shape", "Scene", "Example", "m
 
 COLOURS: Dict[str, Tuple[int, int, int]] = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 230)}
 KINDS = ("circle", "square", "triangle")
+DEFAULT_NUM_TRAIN, DEFAULT_NUM_EVAL = 3000, 300  # the quickstart's dataset
 NUMBERS = ("one", "two", "three", "four")  # counts, as words: one token each (a digit after a space is two)
 GRID = 4  # cells per side; the image is GRID * CELL pixels square
 CELL = 14  # pixels per cell = the ViT patch size, so one shape is one image token
@@ -197,3 +199,19 @@ def write_dataset(root: Path, seed: int, num_train: int, num_eval: int) -> Tuple
     for path, split, examples in zip(paths, ("train", "eval"), (train, held_out)):
         path.write_text(json.dumps(_rows(examples, split, root), indent=1), encoding="utf-8")
     return paths
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description="Write the quickstart's synthetic shapes dataset (chatml_dataset "
+                                                 "format: train.json, eval.json, images/).")
+    parser.add_argument("out", help="directory to write into")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num_train", type=int, default=DEFAULT_NUM_TRAIN)
+    parser.add_argument("--num_eval", type=int, default=DEFAULT_NUM_EVAL)
+    args = parser.parse_args(argv)
+    for path in write_dataset(Path(args.out), args.seed, args.num_train, args.num_eval):
+        print(path)
+
+
+if __name__ == "__main__":
+    main()
