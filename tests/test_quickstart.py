@@ -6,28 +6,16 @@ from __future__ import annotations
 import json
 import re
 import shlex
-import subprocess
 import sys
-import time
-from typing import List, Tuple
+from typing import List
 
 import pytest
 from PIL import Image
 
-QUICKSTART = [sys.executable, "-m", "paddlemix.examples.internlm_xcomposer2.quickstart"]
-# Same code path as the default run (1128 steps, 300 questions), fewer steps and questions. Measured on
-# this machine type: 98 % held-out accuracy after these 400 steps (~65 s); the bar below is well under it
-# and still 2.4x the chance level.
-REDUCED = ["--seed", "1", "--steps", "400", "--num_train", "3000", "--num_eval", "60"]
+from conftest import QUICKSTART, QUICKSTART_REDUCED, run_timed
+
 CHANCE = 0.31  # mean of the per-type chance levels (1/3 colour, 1/3 shape, 1/4 count)
 MIN_ACCURACY = 0.75
-TIMEOUT = 300
-
-
-def _run(args: List[str]) -> Tuple[subprocess.CompletedProcess, float]:
-    started = time.perf_counter()
-    result = subprocess.run(args, capture_output=True, text=True, timeout=TIMEOUT)
-    return result, time.perf_counter() - started
 
 
 def _losses(stderr: str) -> List[float]:
@@ -39,11 +27,8 @@ def _accuracy(stdout: str) -> float:
 
 
 @pytest.fixture(scope="module")
-def first_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("quickstart")
-    result, seconds = _run(QUICKSTART + ["--output_dir", str(out), *REDUCED])
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out, result, seconds
+def first_run(quickstart_run):
+    return quickstart_run
 
 
 def test_loss_falls_and_held_out_answers_beat_chance(first_run):
@@ -74,7 +59,7 @@ def test_checkpoint_reloads_and_the_loss_curve_is_a_png(first_run):
 
 def test_second_run_reuses_the_checkpoint(first_run):
     out, first, first_seconds = first_run
-    result, seconds = _run(QUICKSTART + ["--output_dir", str(out), *REDUCED])
+    result, seconds = run_timed(QUICKSTART + ["--output_dir", str(out), *QUICKSTART_REDUCED])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "reusing the trained checkpoint" in result.stdout
     assert not _losses(result.stderr) and "fine-tuning" not in result.stdout
@@ -89,7 +74,7 @@ def test_chat_demo_answers_as_the_quickstart_says(first_run):
     command = next(line for line in result.stdout.splitlines() if "chat_demo" in line and "python" in line)
     args = shlex.split(command.strip())
     assert args[:3] == ["python", "-m", "paddlemix.examples.internlm_xcomposer2.chat_demo"] and "--no-do_sample" in args
-    chat, _ = _run([sys.executable, *args[1:], "--max_new_tokens", "8"])
+    chat, _ = run_timed([sys.executable, *args[1:], "--max_new_tokens", "8"])
     assert chat.returncode == 0, chat.stderr[-2000:]
     assert chat.stdout.strip() == expected
 

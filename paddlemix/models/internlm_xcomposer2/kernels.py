@@ -8,7 +8,7 @@ chooses its code path from the CPU at run time (MKL, oneDNN, Paddle's jit kernel
 
 Audit of the Paddle 3.3.1 CPU kernels the package calls (``objdump -d`` of
 ``libphi_core.so``: functions holding AVX-512 ``zmm``/opmask instructions; re-run with
-``benchmarks/avx512_audit.py``):
+``scripts/avx512_audit.py``):
 
 ==============================================  ============================  ==================
 kernel (where)                                  CPU code                      needs AVX-512
