@@ -1,0 +1,73 @@
+"""Serve InternLM-XComposer2 over an OpenAI-compatible HTTP API (``/v1/chat/completions``).
+
+    python paddlemix/examples/internlm_xcomposer2/serve.py --from_pretrained /path/to/internlm-xcomposer2-7b \\
+        --host 127.0.0.1 --port 8000
+
+Then any OpenAI client talks to it (``base_url="http://127.0.0.1:8000/v1"``, model: the
+checkpoint's directory name unless ``--model_name``). Requests that arrive together are decoded
+together (``--max_batch_size``); a full queue (``--max_queue``) answers 429 at once.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import List, Optional
+
+from paddlemix.cli_utils import DTYPES, add_logging_args, pick_device, pick_dtype, quiet_native_stderr, run_cli, setup_logging
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="OpenAI-compatible API server for InternLM-XComposer2.")
+    p.add_argument("-m", "--from_pretrained", "--model_name_or_path", dest="from_pretrained", required=True,
+                   help="checkpoint directory or hub id")
+    p.add_argument("--model_name", help="the model id clients send (default: the checkpoint's directory name)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for every interface)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-keys", "--api_keys", dest="api_keys", nargs="+", default=[], metavar="KEY",
+                   help="accept only requests with 'Authorization: Bearer KEY' (default: no authentication)")
+    p.add_argument("--max_batch_size", type=int, default=8, help="requests decoded together at most")
+    p.add_argument("--max_queue", type=int, default=64, help="requests waiting at most; more get 429")
+    p.add_argument("--batch_wait_ms", type=float, default=20.0,
+                   help="how long the oldest waiting request waits for others to share its batch")
+    p.add_argument("--max_images", type=int, default=8, help="images per conversation at most")
+    p.add_argument("--max_image_pixels", type=int, help="width x height limit of an image (default 8192x8192)")
+    p.add_argument("--allowed-local-media-path", "--allowed_local_media_path", dest="allowed_local_media_path",
+                   help="allow image URLs that are local paths (or file://) inside this directory")
+    p.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on a GPU, else float32")
+    p.add_argument("--device", help="cpu, gpu, gpu:0, ... (default: gpu if available, else cpu)")
+    p.add_argument("--source", choices=("paddlenlp", "aistudio", "huggingface"), default="paddlenlp",
+                   help="where to download hub ids from")
+    p.add_argument("--cache_dir", help="download cache directory")
+    add_logging_args(p)
+    return p
+
+
+@run_cli
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    logging.getLogger("paddlemix.serving").setLevel(logging.INFO)  # one line per request, always
+    from paddlemix.serving.media import MediaLoader
+    from paddlemix.serving.runner import build_server, default_model_name, load_model, uvicorn_config
+
+    media_args = {"max_pixels": args.max_image_pixels} if args.max_image_pixels else {}
+    media = MediaLoader(args.allowed_local_media_path, **media_args)
+    dtype = pick_dtype(args.dtype, pick_device(args.device))
+    with quiet_native_stderr(not args.verbose):
+        model, tokenizer = load_model(args.from_pretrained, dtype, args.source, args.cache_dir)
+    name = args.model_name or default_model_name(args.from_pretrained)
+    app, engine = build_server(model, tokenizer, name, api_keys=args.api_keys, max_batch_size=args.max_batch_size,
+                               max_queue=args.max_queue, max_images=args.max_images,
+                               batch_wait=args.batch_wait_ms / 1000, media=media)
+    import uvicorn
+
+    print(f"serving {name!r} on http://{args.host}:{args.port}/v1 (Ctrl-C to stop)", flush=True)
+    try:
+        uvicorn.Server(uvicorn_config(app, args.host, args.port, log_level="info")).run()
+    finally:
+        engine.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    main()

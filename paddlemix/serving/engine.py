@@ -1,0 +1,307 @@
+"""The batcher: one worker thread owns the model and decodes waiting requests together.
+
+Requests that arrive together share one generation (``generate_tokens`` over left-padded
+prompts: the path of ``batch_chat``, whose greedy results equal ``chat`` one by one), so a
+CPU step reads the weights once for the whole batch instead of once per client::
+
+    handler ──submit──▶ waiting (≤ max_queue, else 429) ──worker──▶ batch of ≤ max_batch_size
+       ▲                                                              │ one generate_tokens
+       └──────── channel: TextDelta … Finished | Failed ◀─────────────┘ rows stop on their own
+
+A batch is formed from what is waiting when the worker is free: the oldest request and every
+later one with the same ``batch_key`` (one setting per generation), after waiting at most
+``batch_wait`` seconds for companions. Rows stop individually (EOS, their ``max_tokens``, a
+stop string, a cancelled client); the generator is closed when no row is still wanted.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable, Deque, Dict, List, Optional
+
+from PIL import Image
+
+from paddlemix.models.internlm_xcomposer2.generation import generate_tokens, seeded, seen_ids
+from paddlemix.models.internlm_xcomposer2.processor import InternLMXComposer2Processor
+
+from .channels import Channel, Failed, Finished, TextDelta
+from .errors import APIError, bad_request
+from .protocol import Conversation, SamplingParams
+from .textstream import IncrementalText
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Engine", "EngineStats", "Job"]
+
+DEFAULT_BATCH_WAIT = 0.02  # seconds the oldest request waits for companions before its batch starts
+
+
+@dataclass
+class Job:
+    """One request on its way through the engine."""
+
+    id: str
+    conversation: Conversation
+    images: List[Image.Image]
+    sampling: SamplingParams
+    prompt_tokens: int
+    channel: Channel
+    stream: bool = False
+    enqueued: float = field(default_factory=time.perf_counter)
+    cancelled: bool = False
+    done: bool = False
+    first_token: Optional[float] = None
+    completion_tokens: int = 0
+    batch_size: int = 0
+
+
+@dataclass
+class EngineStats:
+    requests: int = 0
+    batches: int = 0
+    cancelled: int = 0
+    failed: int = 0
+    completion_tokens: int = 0
+    batch_sizes: Dict[int, int] = field(default_factory=dict)  # size -> how many batches had it
+
+    @property
+    def max_batch_size(self) -> int:
+        return max(self.batch_sizes, default=0)
+
+
+class _Row:
+    """Decoding state of one job inside a running batch."""
+
+    def __init__(self, job: Job, tokenizer, eos: set) -> None:
+        self.job, self.eos = job, eos
+        self.text = IncrementalText(tokenizer, job.sampling.stop)
+        self.active = True
+
+    def feed(self, token: int, now: float) -> Optional[str]:
+        """Take the row's next id; returns the finish reason once the row has ended."""
+        job = self.job
+        if job.first_token is None:
+            job.first_token = now
+        job.completion_tokens += 1
+        delta = self.text.push(token)
+        if delta and job.stream:
+            job.channel.put(TextDelta(delta))
+        if token in self.eos or self.text.stopped:
+            return "stop"
+        return "length" if job.completion_tokens >= job.sampling.max_tokens else None
+
+
+class Engine:
+    """Owns the model; :meth:`submit` jobs from any thread, results arrive on each job's channel."""
+
+    def __init__(self, model: Any, tokenizer: Any, max_batch_size: int = 8, max_queue: int = 64,
+                 batch_wait: float = DEFAULT_BATCH_WAIT) -> None:
+        if max_batch_size < 1 or max_queue < 1 or batch_wait < 0:
+            raise ValueError("max_batch_size and max_queue must be >= 1 and batch_wait >= 0")
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch_size, self.max_queue, self.batch_wait = max_batch_size, max_queue, batch_wait
+        self.processor = InternLMXComposer2Processor.from_config(tokenizer, model.config)
+        self.stats = EngineStats()
+        self._waiting: Deque[Job] = collections.deque()
+        self._cond = threading.Condition()
+        self._running: List[Job] = []
+        self._stopping = False
+        self._thread: Optional[threading.Thread] = None
+        self.on_batch: Optional[Callable[[List[Job]], None]] = None  # observer (tests, benchmarks)
+
+    # --- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> "Engine":
+        self._thread = threading.Thread(target=self._work, name="ixc2-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._stopping = True
+            for job in self._running:
+                job.cancelled = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def idle(self) -> bool:
+        with self._cond:
+            return not self._waiting and not self._running
+
+    # --- requests ----------------------------------------------------------------------------
+    def count_prompt(self, conversation: Conversation, num_images: int, max_tokens: int) -> int:
+        """Prompt length in tokens (each image counts its embeddings); 400 if it does not fit."""
+        try:
+            layout = self.processor.chat_layout(conversation.query, conversation.history, num_images,
+                                                conversation.meta_instruction)
+        except ValueError as err:
+            raise bad_request(str(err), "messages") from err
+        config = self.model.config
+        if len(layout) > config.max_length:
+            raise bad_request(f"the prompt is {len(layout)} tokens (images included), more than this model's context "
+                              f"of {config.max_length}; shorten the conversation", "messages",
+                              code="context_length_exceeded")
+        if len(layout) + max_tokens > config.max_position_embeddings:
+            raise bad_request(f"the prompt ({len(layout)} tokens) plus max_tokens ({max_tokens}) exceeds the model's "
+                              f"{config.max_position_embeddings} positions; lower max_tokens", "max_tokens",
+                              code="context_length_exceeded")
+        return len(layout)
+
+    def new_id(self) -> str:
+        return f"chatcmpl-{uuid.uuid4().hex}"
+
+    def submit(self, job: Job) -> None:
+        """Queue ``job``; a full queue refuses it at once (429)."""
+        with self._cond:
+            if self._stopping:
+                raise APIError(503, "the server is shutting down", type="server_error", code="unavailable")
+            if len(self._waiting) >= self.max_queue:
+                raise APIError.queue_full(self.max_queue)
+            self._waiting.append(job)
+            self._cond.notify_all()
+
+    def cancel(self, job: Job) -> None:
+        """The client went away: drop ``job`` if it waits, stop its row if it runs."""
+        with self._cond:
+            if job.done or job.cancelled:
+                return
+            job.cancelled = True
+            if job in self._waiting:
+                self._waiting.remove(job)
+                job.done = True
+            self.stats.cancelled += 1
+        logger.info("request %s cancelled by the client after %d tokens", job.id, job.completion_tokens)
+
+    # --- the worker --------------------------------------------------------------------------
+    def _work(self) -> None:
+        while True:
+            jobs = self._next_batch()
+            if not jobs:
+                return
+            try:
+                self._run_batch(jobs)
+            except Exception as err:  # a bug or a device failure: fail this batch, keep serving
+                logger.exception("batch of %d failed", len(jobs))
+                self._fail(jobs, APIError.internal(f"generation failed: {type(err).__name__}: {err}"))
+            finally:
+                with self._cond:
+                    self._running = []
+
+    def _next_batch(self) -> List[Job]:
+        with self._cond:
+            while not self._waiting and not self._stopping:
+                self._cond.wait()
+            if self._stopping:
+                return []
+            first = self._waiting[0]
+            key = first.sampling.batch_key(first.id)
+            while True:
+                batch = [job for job in self._waiting if job.sampling.batch_key(job.id) == key][: self.max_batch_size]
+                wait = first.enqueued + self.batch_wait - time.perf_counter()
+                if len(batch) >= self.max_batch_size or first.sampling.seed is not None or wait <= 0:
+                    break
+                self._cond.wait(wait)
+                if self._stopping:
+                    return []
+            for job in batch:
+                self._waiting.remove(job)
+            self._running = batch
+            return batch
+
+    def _prefill_inputs(self, jobs: List[Job]):
+        """Per-row ``(layout, embeds, im_mask)``; a row the model refuses fails alone."""
+        rows, kept = [], []
+        for job in jobs:
+            conv = job.conversation
+            try:
+                rows.append(self.model._chat_inputs(self.tokenizer, conv.query, job.images, conv.history,
+                                                    conv.meta_instruction))
+                kept.append(job)
+            except ValueError as err:
+                self._fail([job], bad_request(str(err), "messages"))
+        return rows, kept
+
+    def _run_batch(self, jobs: List[Job]) -> None:
+        model, tok = self.model, self.tokenizer
+        for job in jobs:
+            job.done = job.done or job.cancelled  # cancelled between leaving the queue and here
+        rows, jobs = self._prefill_inputs([job for job in jobs if not job.cancelled])
+        if not jobs:
+            return
+        self._count_batch(jobs)
+        if len(rows) == 1:  # exactly chat()'s inputs: no padding, no attention mask
+            embeds, im_mask, attention_mask = rows[0][1], rows[0][2], None
+        else:
+            embeds, im_mask, attention_mask = model._left_pad(tok, rows)
+        seen = seen_ids([model._official_prefix(tok, layout) for layout, _, _ in rows])
+        settings = model._settings(tok, **jobs[0].sampling.generation_kwargs(max(j.sampling.max_tokens for j in jobs)))
+        states = [_Row(job, tok, set(settings.eos_token_ids)) for job in jobs]
+        with seeded(settings.seed):
+            steps = generate_tokens(model, embeds, settings, seen, im_mask=im_mask, attention_mask=attention_mask)
+            try:
+                for tokens, _ in steps:
+                    self._step(states, tokens.tolist(), time.perf_counter())
+                    if not any(row.active for row in states):
+                        break
+            finally:
+                steps.close()  # stops the work of rows nobody waits for
+        for row in states:
+            if row.active:  # the generator ended (every row reached EOS or max_new_tokens)
+                self._finish(row, "length")
+
+    def _step(self, states: List[_Row], tokens: List[int], now: float) -> None:
+        for row, token in zip(states, tokens):
+            if not row.active:
+                continue
+            if row.job.cancelled:
+                row.active = False
+                row.job.done = True
+                continue
+            reason = row.feed(token, now)
+            if reason is not None:
+                self._finish(row, reason)
+
+    def _count_batch(self, jobs: List[Job]) -> None:
+        with self._cond:
+            self.stats.batches += 1
+            self.stats.batch_sizes[len(jobs)] = self.stats.batch_sizes.get(len(jobs), 0) + 1
+        for job in jobs:
+            job.batch_size = len(jobs)
+        if self.on_batch is not None:
+            self.on_batch(jobs)
+
+    def _finish(self, row: _Row, reason: str) -> None:
+        job = row.job
+        row.active = False
+        delta, content = row.text.finish()
+        if delta and job.stream:
+            job.channel.put(TextDelta(delta))
+        job.done = True
+        with self._cond:
+            self.stats.requests += 1
+            self.stats.completion_tokens += job.completion_tokens
+        elapsed = time.perf_counter() - job.enqueued
+        ttft = (job.first_token or time.perf_counter()) - job.enqueued
+        logger.info("request %s: %d prompt + %d completion tokens in %.2f s (first token %.2f s), finish %s, "
+                    "batch of %d", job.id, job.prompt_tokens, job.completion_tokens, elapsed, ttft, reason,
+                    job.batch_size)
+        job.channel.put(Finished(content, reason, job.prompt_tokens, job.completion_tokens))
+
+    def _fail(self, jobs: List[Job], error: APIError) -> None:
+        for job in jobs:
+            if job.done:
+                continue
+            job.done = True
+            with self._cond:
+                self.stats.failed += 1
+            logger.info("request %s failed (%d): %s", job.id, error.status, error.message)
+            job.channel.put(Failed(error))

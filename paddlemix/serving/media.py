@@ -1,0 +1,99 @@
+"""``image_url.url`` → a decoded RGB image, or a 400 that says what is wrong with it.
+
+Three kinds of URL, as OpenAI and vLLM accept them: ``http(s)://`` (fetched with the model
+package's :func:`load_image`: timeouts, size limits, content checks), ``data:image/...;base64,``
+(decoded here, then handed over as bytes) and, only when the server was started with
+``--allowed-local-media-path DIR``, a local path or ``file://`` URL inside ``DIR``. Nothing
+is ever replaced by a dummy image: an image that cannot be used refuses the request.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import os
+from typing import Optional
+from urllib.parse import unquote, urlparse
+
+from PIL import Image
+
+from paddlemix.models.internlm_xcomposer2.image_processing import (DEFAULT_MAX_PIXELS, DEFAULT_TIMEOUT,
+                                                                   MAX_DOWNLOAD_BYTES, URL_SCHEMES, ImageLoadError,
+                                                                   load_image)
+
+from .errors import APIError, bad_request
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["MediaLoader"]
+
+DATA_PREFIX = "data:"
+FILE_SCHEME = "file://"
+BASE64_FLAG = "base64"
+IMAGE_MEDIA_TYPE = "image/"
+
+
+class MediaLoader:
+    """Loads the images of requests under the server's limits.
+
+    ``allowed_local_path``: the directory local paths must lie in (after resolving symlinks
+    and ``..``); ``None`` refuses every local path. ``max_pixels``: width × height limit,
+    checked from the header before decoding. ``max_bytes``: limit of a data URL's payload.
+    """
+
+    def __init__(self, allowed_local_path: Optional[str] = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 timeout: float = DEFAULT_TIMEOUT, max_bytes: int = MAX_DOWNLOAD_BYTES) -> None:
+        if allowed_local_path is not None and not os.path.isdir(allowed_local_path):
+            raise ValueError(f"--allowed-local-media-path {allowed_local_path!r} is not a directory")
+        self.allowed_local_path = os.path.realpath(allowed_local_path) if allowed_local_path else None
+        self.max_pixels, self.timeout, self.max_bytes = max_pixels, timeout, max_bytes
+
+    def load(self, url: str, param: str) -> Image.Image:
+        """The image at ``url``; ``param`` names the request field in errors."""
+        if url.startswith(DATA_PREFIX):
+            source, code = self._data_url(url, param), "invalid_image"
+        elif url.lower().startswith(URL_SCHEMES):
+            source, code = url, "invalid_image_url"
+        else:
+            source, code = self._local_path(url, param), "invalid_image"
+        try:
+            return load_image(source, timeout=self.timeout, max_pixels=self.max_pixels)
+        except ImageLoadError as err:
+            raise bad_request(f"{param}: {err}", param, code=code) from err
+
+    def _data_url(self, url: str, param: str) -> bytes:
+        header, comma, payload = url[len(DATA_PREFIX):].partition(",")
+        media_type, *flags = header.split(";")
+        if not comma or not media_type.lower().startswith(IMAGE_MEDIA_TYPE) or BASE64_FLAG not in flags:
+            raise bad_request(f"{param} is a malformed data URL: expected data:image/<type>;base64,<data>", param,
+                              code="invalid_image")
+        payload = "".join(payload.split())  # line breaks are allowed in base64 text
+        if len(payload) // 4 * 3 > self.max_bytes:
+            raise bad_request(f"{param}: the data URL holds more than {self.max_bytes} bytes", param,
+                              code="invalid_image")
+        try:
+            data = base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError) as err:
+            raise bad_request(f"{param} is a malformed data URL: its base64 data does not decode ({err})", param,
+                              code="invalid_image") from err
+        if not data:
+            raise bad_request(f"{param}: the data URL is empty", param, code="invalid_image")
+        return data
+
+    def _local_path(self, url: str, param: str) -> str:
+        if url.startswith(FILE_SCHEME):
+            path = unquote(urlparse(url).path)
+        elif "://" in url:
+            raise bad_request(f"{param}: unsupported URL scheme in {url[:40]!r}; use http(s)://, a data:image URL "
+                              "or (if the server allows it) a local path", param, code="invalid_image_url")
+        else:
+            path = url
+        if self.allowed_local_path is None:
+            raise APIError(400, f"{param}: local image paths are not allowed on this server (start it with "
+                           "--allowed-local-media-path DIR to allow files under DIR)", param=param,
+                           code="local_path_not_allowed")
+        resolved = os.path.realpath(os.path.join(self.allowed_local_path, path))  # relative: inside DIR
+        if os.path.commonpath([resolved, self.allowed_local_path]) != self.allowed_local_path:
+            raise APIError(400, f"{param}: {path!r} is outside the allowed local media directory", param=param,
+                           code="local_path_not_allowed")
+        return resolved
