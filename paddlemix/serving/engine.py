@@ -21,7 +21,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable, Deque, Dict, List, Optional
+from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 from PIL import Image
 
@@ -131,6 +131,12 @@ class Engine:
     @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def waiting(self) -> int:
+        """Requests queued and not yet in a batch."""
+        with self._cond:
+            return len(self._waiting)
 
     @property
     def idle(self) -> bool:
@@ -245,20 +251,26 @@ class Engine:
         seen = seen_ids([model._official_prefix(tok, layout) for layout, _, _ in rows])
         settings = model._settings(tok, **jobs[0].sampling.generation_kwargs(max(j.sampling.max_tokens for j in jobs)))
         states = [_Row(job, tok, set(settings.eos_token_ids)) for job in jobs]
+        # A seeded generation restores the global RNG state when it ends: its answer is held until
+        # then, so that whoever receives it cannot start drawing numbers before the restore.
+        held: Optional[List[Tuple[Job, Finished]]] = [] if settings.seed is not None else None
         with seeded(settings.seed):
             steps = generate_tokens(model, embeds, settings, seen, im_mask=im_mask, attention_mask=attention_mask)
             try:
                 for tokens, _ in steps:
-                    self._step(states, tokens.tolist(), time.perf_counter())
+                    self._step(states, tokens.tolist(), time.perf_counter(), held)
                     if not any(row.active for row in states):
                         break
             finally:
                 steps.close()  # stops the work of rows nobody waits for
+        for job, event in held or []:
+            job.channel.put(event)
         for row in states:
             if row.active:  # the generator ended (every row reached EOS or max_new_tokens)
                 self._finish(row, "length")
 
-    def _step(self, states: List[_Row], tokens: List[int], now: float) -> None:
+    def _step(self, states: List[_Row], tokens: List[int], now: float,
+              held: Optional[List[Tuple[Job, Finished]]]) -> None:
         for row, token in zip(states, tokens):
             if not row.active:
                 continue
@@ -268,7 +280,7 @@ class Engine:
                 continue
             reason = row.feed(token, now)
             if reason is not None:
-                self._finish(row, reason)
+                self._finish(row, reason, held)
 
     def _count_batch(self, jobs: List[Job]) -> None:
         with self._cond:
@@ -279,7 +291,8 @@ class Engine:
         if self.on_batch is not None:
             self.on_batch(jobs)
 
-    def _finish(self, row: _Row, reason: str) -> None:
+    def _finish(self, row: _Row, reason: str, held: Optional[List[Tuple[Job, Finished]]] = None) -> None:
+        """End the row: the rest of its text, the log line, and ``Finished`` (sent now, or ``held``)."""
         job = row.job
         row.active = False
         delta, content = row.text.finish()
@@ -294,7 +307,11 @@ class Engine:
         logger.info("request %s: %d prompt + %d completion tokens in %.2f s (first token %.2f s), finish %s, "
                     "batch of %d", job.id, job.prompt_tokens, job.completion_tokens, elapsed, ttft, reason,
                     job.batch_size)
-        job.channel.put(Finished(content, reason, job.prompt_tokens, job.completion_tokens))
+        event = Finished(content, reason, job.prompt_tokens, job.completion_tokens)
+        if held is not None:
+            held.append((job, event))
+        else:
+            job.channel.put(event)
 
     def _fail(self, jobs: List[Job], error: APIError) -> None:
         for job in jobs:

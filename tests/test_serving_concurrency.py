@@ -1,0 +1,180 @@
+"""The server under several clients at once (real ``openai`` clients in threads, uvicorn on
+127.0.0.1): requests that arrive together are decoded together with greedy answers equal to
+the sequential ones, a full queue answers 429 at once, a client that disconnects stops its
+generation, a failure mid-stream ends the stream with an error chunk and ``[DONE]``."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from typing import Any, Dict, Iterator, List
+
+import httpx
+import openai
+import pytest
+
+from test_serving import API_KEY, data_url, expected, image_part, no_proxy, reference, running_server, text_part
+
+__all__ = ["no_proxy", "reference"]  # fixtures used here
+
+LONG = 20_000  # max_tokens of a request meant to be cut short (the tiny model never reaches it in a test)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, tiny_dir, no_proxy) -> Iterator[Dict[str, Any]]:
+    with running_server(tiny_model_dir, tiny_dir, max_batch_size=8, max_queue=8, batch_wait=0.2) as running:
+        yield running
+
+
+def make_client(server, **kwargs) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server["url"] + "/v1", api_key=API_KEY, max_retries=0, **kwargs)
+
+
+def wait_until(condition, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def eight_conversations(tiny_dir) -> List[Dict[str, Any]]:
+    """Different prompts, lengths, images and max_tokens: rows of one batch stop on their own."""
+    img1, img2 = str(tiny_dir / "img1.png"), str(tiny_dir / "img2.png")
+    out = []
+    for i in range(8):
+        text = f"Question {i}: " + "tell me more " * i
+        with_image = [img1, img2][i % 2] if i % 3 else None
+        content = [image_part(data_url(with_image)), text_part(text)] if with_image else text
+        out.append({"messages": [{"role": "user", "content": content}], "max_tokens": 6 + i,
+                    "query": ("<ImageHere>" if with_image else "") + text, "image": with_image})
+    return out
+
+
+def test_eight_concurrent_clients_are_batched_and_equal_the_sequential_answers(server, reference, tiny_dir):
+    conversations = eight_conversations(tiny_dir)
+    want = [expected(reference, c["query"], image=c["image"] and [c["image"]], max_new_tokens=c["max_tokens"])
+            for c in conversations]
+    batches: List[int] = []
+    server["engine"].on_batch = lambda jobs: batches.append(len(jobs))
+    got: List[Any] = [None] * 8
+    start = threading.Barrier(8)
+
+    def one(i: int) -> None:
+        client = make_client(server, timeout=120)
+        start.wait()
+        c = conversations[i]
+        reply = client.chat.completions.create(model=server["name"], messages=c["messages"],
+                                               max_tokens=c["max_tokens"], temperature=0, stream=i % 2 == 1)
+        got[i] = (reply.choices[0].message.content if i % 2 == 0
+                  else "".join(ch.choices[0].delta.content or "" for ch in reply if ch.choices))
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    finally:
+        server["engine"].on_batch = None
+    assert got == want  # nothing lost, nothing mixed up, greedy batched == one by one
+    assert sum(batches) == 8 and max(batches) > 1, batches  # decoded together, not one after another
+
+
+def watch_jobs(server) -> List[Any]:
+    """The engine's jobs as their batches start (until the engine's observer is reset)."""
+    jobs: List[Any] = []
+    server["engine"].on_batch = jobs.extend
+    return jobs
+
+
+def assert_stopped_early(server, jobs: List[Any], cancelled_before: int) -> None:
+    engine = server["engine"]
+    try:
+        wait_until(lambda: engine.stats.cancelled == cancelled_before + 1 and engine.idle)
+    finally:
+        engine.on_batch = None
+    (job,) = jobs
+    assert job.cancelled and job.done
+    tokens = job.completion_tokens
+    assert 0 < tokens < LONG // 10  # the generation stopped long before max_tokens
+    time.sleep(0.3)
+    assert job.completion_tokens == tokens  # and stays stopped
+
+
+def test_client_disconnect_stops_a_stream(server):
+    before, jobs = server["engine"].stats.cancelled, watch_jobs(server)
+    client = make_client(server, timeout=60)
+    stream = client.chat.completions.create(model=server["name"], messages=[{"role": "user", "content": "Go on"}],
+                                            max_tokens=LONG, temperature=0, stream=True)
+    received = [chunk for _, chunk in zip(range(4), stream)]
+    assert received[0].choices[0].delta.role == "assistant"
+    stream.close()  # the client hangs up
+    assert_stopped_early(server, jobs, before)
+
+
+def test_client_disconnect_stops_a_non_streamed_request(server):
+    before, jobs = server["engine"].stats.cancelled, watch_jobs(server)
+    client = make_client(server, timeout=1.0)
+    with pytest.raises(openai.APITimeoutError):  # the client gives up after 1 s and closes the connection
+        client.chat.completions.create(model=server["name"], messages=[{"role": "user", "content": "Go on"}],
+                                       max_tokens=LONG, temperature=0)
+    assert_stopped_early(server, jobs, before)
+
+
+def test_full_queue_answers_429_at_once_and_loses_nothing(server):
+    engine = server["engine"]
+    client = make_client(server, timeout=120)
+    blocker = client.chat.completions.create(model=server["name"], messages=[{"role": "user", "content": "Go"}],
+                                             max_tokens=LONG, temperature=0, stream=True)
+    next(iter(blocker))  # the worker is busy with it
+    results: List[Any] = [None] * engine.max_queue
+
+    def wait_in_line(i: int) -> None:
+        results[i] = make_client(server, timeout=120).chat.completions.create(
+            model=server["name"], messages=[{"role": "user", "content": f"Hi {i}"}], max_tokens=3, temperature=0)
+
+    waiting = [threading.Thread(target=wait_in_line, args=(i,)) for i in range(engine.max_queue)]
+    for t in waiting:
+        t.start()
+    wait_until(lambda: engine.waiting == engine.max_queue)
+    started = time.perf_counter()
+    with pytest.raises(openai.RateLimitError) as info:
+        client.chat.completions.create(model=server["name"], messages=[{"role": "user", "content": "One more"}],
+                                       max_tokens=3)
+    assert time.perf_counter() - started < 2.0  # refused at once, not after a wait
+    assert info.value.status_code == 429 and info.value.response.json()["error"]["code"] == "queue_full"
+    blocker.close()
+    for t in waiting:
+        t.join(120)
+    assert all(r is not None and r.choices[0].message.content is not None for r in results)
+
+
+def test_mid_stream_failure_sends_an_error_chunk_then_done(server, monkeypatch):
+    from paddlemix.serving import engine as engine_module
+
+    real = engine_module.generate_tokens
+
+    def failing(*args: Any, **kwargs: Any):
+        for step, item in enumerate(real(*args, **kwargs)):
+            if step == 3:
+                raise RuntimeError("device lost")
+            yield item
+
+    monkeypatch.setattr(engine_module, "generate_tokens", failing)
+    body = {"model": server["name"], "stream": True, "max_tokens": 10, "temperature": 0,
+            "messages": [{"role": "user", "content": "Hi"}]}
+    with httpx.stream("POST", server["url"] + "/v1/chat/completions", json=body,
+                      headers={"Authorization": f"Bearer {API_KEY}"}) as response:
+        assert response.status_code == 200
+        lines = [line for line in response.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    error = json.loads(lines[-2][len("data: "):])
+    assert set(error) == {"error"} and "device lost" in error["error"]["message"]
+    assert error["error"]["type"] == "server_error"
+    with pytest.raises(openai.APIError, match="device lost"):  # the official client raises it
+        list(make_client(server, timeout=60).chat.completions.create(
+            model=server["name"], messages=body["messages"], max_tokens=10, temperature=0, stream=True))
+    monkeypatch.setattr(engine_module, "generate_tokens", real)
+    reply = make_client(server, timeout=60).chat.completions.create(model=server["name"], messages=body["messages"],
+                                                                    max_tokens=3, temperature=0)
+    assert reply.choices[0].message.content is not None  # the server goes on serving
