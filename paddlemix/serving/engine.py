@@ -67,6 +67,9 @@ class EngineStats:
     failed: int = 0
     completion_tokens: int = 0
     batch_sizes: Dict[int, int] = field(default_factory=dict)  # size -> how many batches had it
+    steps: int = 0  # decode steps of all batches (the prefill counts as the first one)
+    model_seconds: float = 0.0  # time inside the model's generation (prefill + steps)
+    host_seconds: float = 0.0  # time the worker spent on the rows between steps (text, stops, channels)
 
     @property
     def max_batch_size(self) -> int:
@@ -257,10 +260,7 @@ class Engine:
         with seeded(settings.seed):
             steps = generate_tokens(model, embeds, settings, seen, im_mask=im_mask, attention_mask=attention_mask)
             try:
-                for tokens, _ in steps:
-                    self._step(states, tokens.tolist(), time.perf_counter(), held)
-                    if not any(row.active for row in states):
-                        break
+                self._decode(steps, states, held)
             finally:
                 steps.close()  # stops the work of rows nobody waits for
         for job, event in held or []:
@@ -268,6 +268,27 @@ class Engine:
         for row in states:
             if row.active:  # the generator ended (every row reached EOS or max_new_tokens)
                 self._finish(row, "length")
+
+    def _decode(self, steps, states: List[_Row], held: Optional[List[Tuple[Job, Finished]]]) -> None:
+        """Feed every step's ids to the rows until none is still wanted; times model vs host work."""
+        model_time = host_time = 0.0
+        count = 0
+        mark = time.perf_counter()
+        try:
+            for tokens, _ in steps:
+                now = time.perf_counter()
+                model_time += now - mark
+                count += 1
+                self._step(states, tokens.tolist(), now, held)
+                mark = time.perf_counter()
+                host_time += mark - now
+                if not any(row.active for row in states):
+                    break
+        finally:
+            with self._cond:
+                self.stats.steps += count
+                self.stats.model_seconds += model_time
+                self.stats.host_seconds += host_time
 
     def _step(self, states: List[_Row], tokens: List[int], now: float,
               held: Optional[List[Tuple[Job, Finished]]]) -> None:

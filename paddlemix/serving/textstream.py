@@ -6,11 +6,17 @@ the final answer:
 * a decode that ends in U+FFFD is half a multi-byte character: wait for its other bytes (the
   rule of ``stream_chat``);
 * the end of the text that could still grow into a stop string (a suffix equal to the start
-  of one) is held back until the next token decides;
+  of one) is held back until the next token decides; so is an end that the tokenizer's
+  clean-up could still rewrite (``" ."`` → ``"."``, ``" n't"`` → ``"n't"``, ...: the last few
+  characters from a space or apostrophe on), since decoding one more token may change it;
 * the literal end-of-turn token text ``[UNUSED_TOKEN_145]`` is a stop string too, because the
   official response is cut there (``chat`` splits the decoded text on it).
 
-The final content equals what ``chat`` returns for the same ids, cut at the first stop string.
+The final content is ``tokenizer.decode`` of all ids cut at the first stop string: exactly what
+``chat`` returns for them (cut). While streaming, the text is rebuilt from per-token pieces
+cached as they arrive (``convert_tokens_to_string``, what ``decode`` runs after looking every
+id up again: PaddleNLP's ``decode`` costs ~20 µs per id and call, which would make a long answer
+quadratic).
 """
 from __future__ import annotations
 
@@ -18,9 +24,17 @@ from typing import List, Optional, Sequence, Tuple
 
 from paddlemix.models.internlm_xcomposer2.tokenizer import IM_END_TOKEN
 
-__all__ = ["IncrementalText", "REPLACEMENT_CHAR"]
+__all__ = ["CLEANUP_PATTERNS", "IncrementalText", "REPLACEMENT_CHAR"]
 
 REPLACEMENT_CHAR = "\ufffd"  # what decoding shows for an incomplete multi-byte character
+# What ``clean_up_tokenization`` (always applied by this tokenizer's ``convert_tokens_to_string``)
+# rewrites: it deletes the space before these. Pinned by a test.
+CLEANUP_PATTERNS = (" .", " ?", " !", " ,", " ' ", " n't", " 'm", " 's", " 've", " 're")
+# The rewrites run one after another and feed each other (" n ' t" → " n't" → "n't"), and one more
+# token can complete or pre-empt a pattern: a space or an apostrophe this close to the end of the
+# text may still be deleted or moved, so the text from the first of them in this window waits.
+CLEANUP_WINDOW = 2 * max(len(p) for p in CLEANUP_PATTERNS)
+CLEANUP_CHARS = (" ", "'")
 
 
 def _first_stop(text: str, stops: Sequence[str]) -> Optional[int]:
@@ -29,12 +43,19 @@ def _first_stop(text: str, stops: Sequence[str]) -> Optional[int]:
     return min(hits) if hits else None
 
 
-def _held_back(text: str, stops: Sequence[str]) -> int:
-    """Length of the longest end of ``text`` that is a proper start of some stop string."""
+def _cleanup_held_back(text: str) -> int:
+    """Length of the end of ``text`` the tokenizer's clean-up may still rewrite (see above)."""
+    tail = text[-CLEANUP_WINDOW:]
+    starts = [i for i in (tail.find(c) for c in CLEANUP_CHARS) if i >= 0]
+    return len(tail) - min(starts) if starts else 0
+
+
+def _held_back(text: str, patterns: Sequence[str]) -> int:
+    """Length of the longest end of ``text`` that is a proper start of some pattern."""
     longest = 0
-    for stop in stops:
-        for k in range(min(len(stop) - 1, len(text)), longest, -1):
-            if text.endswith(stop[:k]):
+    for pattern in patterns:
+        for k in range(min(len(pattern) - 1, len(text)), longest, -1):
+            if text.endswith(pattern[:k]):
                 longest = k
                 break
     return longest
@@ -45,33 +66,38 @@ class IncrementalText:
 
     def __init__(self, tokenizer, stops: Sequence[str] = ()) -> None:
         self.tokenizer = tokenizer
-        self.user_stops = list(stops)
         self.stops: List[str] = [*stops, IM_END_TOKEN]
+        self.special_ids = set(tokenizer.all_special_ids)  # what skip_special_tokens drops
         self.ids: List[int] = []
+        self.pieces: List[str] = []
         self.sent = ""  # text already released
         self.stopped = False  # a stop string was found: the content is final
 
-    def _decode(self) -> str:
-        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
+    def _text(self) -> str:
+        return self.tokenizer.convert_tokens_to_string(self.pieces) if self.pieces else ""
 
     def push(self, token: int) -> str:
         """Add one generated id; returns the text that is now certain (maybe empty)."""
-        self.ids.append(int(token))
-        text = self._decode()
+        token = int(token)
+        self.ids.append(token)
+        if token not in self.special_ids:
+            self.pieces.append(self.tokenizer.convert_ids_to_tokens(token))
+        text = self._text()
         cut = _first_stop(text, self.stops)
         if cut is not None:
             self.stopped = True
             return self._release(text[:cut])
         if text.endswith(REPLACEMENT_CHAR):
             return ""
-        return self._release(text[: len(text) - _held_back(text, self.stops)])
+        held = max(_held_back(text, self.stops), _cleanup_held_back(text))
+        return self._release(text[: len(text) - held])
 
     def finish(self) -> Tuple[str, str]:
         """The rest of the text and the whole content, once the row ended (EOS, length, stop)."""
-        text = self._decode()
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         cut = _first_stop(text, self.stops)
         content = text if cut is None else text[:cut]
-        if not content.startswith(self.sent):  # cannot happen for prefix-stable decoding; never send a wrong text
+        if not content.startswith(self.sent):  # the hold-back rules above make this impossible
             raise RuntimeError(f"decoded text changed under the stream: sent {self.sent!r}, final {content!r}")
         return self._release(content), content
 
