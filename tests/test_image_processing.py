@@ -289,3 +289,20 @@ def test_url_unreachable() -> None:
     url = f"http://127.0.0.1:{port}/img.png"
     with pytest.raises(ImageLoadError, match=rf"could not fetch '{url}'.*ConnectionError"):
         load_image(url, timeout=2.0)
+
+
+@pytest.mark.parametrize("size, vertical_first", [((180, 260), True), ((300, 200), False), ((270, 300), False), ((260, 300), True),
+                                                  ((100, 400), True), ((50, 60), False)])
+def test_resize_runs_the_passes_in_pillow_13s_order(size, vertical_first):
+    """Pillow 13 (the golden numbers) runs the vertical pass first when the height shrinks by more
+    than twice as many pixels as the width; each pass rounds to 8 bits, so the order shows."""
+    from paddlemix.models.internlm_xcomposer2.image_processing import resize_two_pass
+
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    target, bicubic = (224, 224), Image.Resampling.BICUBIC
+    by_rows = image.resize((size[0], 224), bicubic).resize(target, bicubic)
+    by_columns = image.resize((224, size[1]), bicubic).resize(target, bicubic)
+    ours = np.asarray(resize_two_pass(image, target, bicubic))
+    np.testing.assert_array_equal(ours, np.asarray(by_rows if vertical_first else by_columns))
+    assert not np.array_equal(np.asarray(by_rows), np.asarray(by_columns))  # the order matters here

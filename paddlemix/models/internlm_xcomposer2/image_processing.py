@@ -13,7 +13,7 @@ import logging
 import math
 import os
 import warnings
-from typing import Any, List, Optional, Sequence, Union
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import requests
@@ -179,6 +179,21 @@ def load_image(source: ImageSource, *, timeout: float = DEFAULT_TIMEOUT,
     return _decode(path, name, max_pixels)
 
 
+def resize_two_pass(image: Image.Image, size: Tuple[int, int], resample: int) -> Image.Image:
+    """``image.resize(size, resample)`` exactly as Pillow 13 computes it, on any Pillow version.
+
+    Pillow resizes separably, in two passes that each round to 8 bits, so the result depends on
+    their order. Pillow 13 (the official fixture's numbers) runs the vertical pass first when the
+    height shrinks by more than twice as many pixels as the width (``h - H > 2 (w - W)``,
+    ``ImagingResampleInner``); earlier Pillows always run the horizontal one first, which moves
+    pixels of e.g. a 180×260 image by up to 7/255. Each pass is one single-axis ``resize``, whose
+    arithmetic is the same in both (checked bit for bit on random sizes)."""
+    (w, h), (width, height) = image.size, size
+    if h - height > 0 and h - height > (w - width) * 2:
+        return image.resize((w, height), resample=resample).resize((width, height), resample=resample)
+    return image.resize((width, h), resample=resample).resize((width, height), resample=resample)
+
+
 class InternLMXComposer2ImageProcessor(BaseImageProcessor):
     """Turns images into the ``pixel_values`` the InternLM-XComposer2 vision tower expects.
 
@@ -215,7 +230,7 @@ class InternLMXComposer2ImageProcessor(BaseImageProcessor):
 
     def _to_pixels(self, image: Image.Image) -> np.ndarray:
         """Resize + ToTensor + Normalize, in torchvision's float32 order of operations -> [3, S, S]."""
-        resized = image.resize((self.img_size, self.img_size), resample=self.resample)
+        resized = resize_two_pass(image, (self.img_size, self.img_size), self.resample)
         pixels = np.asarray(resized, dtype=np.uint8).astype(np.float32) / np.float32(UINT8_MAX)
         pixels = (pixels - np.asarray(self.image_mean, np.float32)) / np.asarray(self.image_std, np.float32)
         return np.ascontiguousarray(pixels.transpose(2, 0, 1))
@@ -239,4 +254,4 @@ class InternLMXComposer2ImageProcessor(BaseImageProcessor):
 
 
 __all__ = ["DEFAULT_MAX_PIXELS", "ImageLoadError", "ImageNotFoundError", "InternLMXComposer2ImageProcessor",
-           "load_image"]
+           "load_image", "resize_two_pass"]
