@@ -397,13 +397,17 @@ def figure(values: List[float], unit: str, official: Optional[float] = None, tar
 
 # --- chat timings ---------------------------------------------------------------------------
 class TokenClock:
-    """A ``streamer`` for ``chat``: timestamps every new token."""
+    """A ``streamer`` for ``chat``: timestamps every new token (the first ``put`` is the ids
+    generation starts from, as transformers' streamers get them: skipped)."""
 
     def __init__(self):
         self.times: List[float] = []
+        self.started = False
 
     def put(self, _ids) -> None:
-        self.times.append(time.perf_counter())
+        if self.started:
+            self.times.append(time.perf_counter())
+        self.started = True
 
     def end(self) -> None:
         pass

@@ -61,21 +61,27 @@ def test_stream_chat_ends_with_the_chat_response(model, tokenizer, tiny_dir, gol
     assert items[-1][1] == [(query, texts[-1])]
 
 
-def test_streamer_protocol_receives_every_token(model, tokenizer):
+def test_streamer_protocol_receives_the_start_then_every_token(model, tokenizer, tiny_dir):
+    """As transformers' generate feeds a streamer: first the ids generation starts from (the text
+    prompt, or the BOS seed of an image prompt), then each new token, then ``end()``."""
     class Collect:
         def __init__(self):
-            self.ids, self.ended = [], False
+            self.puts, self.ended = [], False
 
         def put(self, value):
-            self.ids += value.numpy().tolist()
+            self.puts.append(value.numpy().tolist())
 
         def end(self):
             self.ended = True
 
-    streamer = Collect()
-    _, _ = model.chat(tokenizer, "Hi", do_sample=False, max_new_tokens=5, streamer=streamer)
-    ids, _ = model.generate_ids(tokenizer, "Hi", do_sample=False, max_new_tokens=5)
-    assert streamer.ended and streamer.ids == ids[-len(streamer.ids):] and len(streamer.ids) == 5
+    for image in (None, str(tiny_dir / "img1.png")):
+        query = "Hi" if image is None else "<ImageHere>Hi"
+        streamer = Collect()
+        _, _ = model.chat(tokenizer, query, image=image, do_sample=False, max_new_tokens=5, streamer=streamer)
+        ids, _ = model.generate_ids(tokenizer, query, image=image, do_sample=False, max_new_tokens=5)
+        assert streamer.ended and len(streamer.puts) == 6
+        assert streamer.puts[0] == [ids[:-5]] and [p[0] for p in streamer.puts[1:]] == ids[-5:]
+        assert (streamer.puts[0] == [[tokenizer.bos_token_id]]) == (image is not None)
 
 
 def test_second_turn_uses_the_history(model, tokenizer, tiny_dir):

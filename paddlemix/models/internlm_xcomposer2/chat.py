@@ -6,13 +6,14 @@ recomputes the whole sequence at every step).
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 from typing import Any, Iterator, List, Optional, Sequence, Tuple
 
+import numpy as np
 import paddle
 
-from .generation import GenerationSettings, generate_tokens, seen_ids
+from .beam_search import BeamSettings, beam_search
+from .generation import GenerationSettings, generate_tokens, seeded, seen_ids
 from .processor import DEFAULT_META_INSTRUCTION, Layout, InternLMXComposer2Processor
 from .tokenizer import IM_END_TOKEN
 
@@ -24,15 +25,15 @@ History = List[Tuple[str, str]]
 REPLACEMENT_CHAR = "\ufffd"  # what decoding shows for an incomplete multi-byte character
 
 
-def _as_image_list(image: Any) -> List[Any]:
+def as_image_list(image: Any) -> List[Any]:
+    """``image`` as the official methods take it (None, one image, a tensor of several) → a list
+    of image items; a tensor stays whole (pixels ``[n,3,S,S]``/``[3,S,S]`` or embeddings ``[n,P,H]``)."""
     if image is None:
         return []
-    if isinstance(image, paddle.Tensor):
-        return [image.unsqueeze(0) if image.ndim == 3 else image]
     return list(image) if isinstance(image, (list, tuple)) else [image]
 
 
-def _check_history(history: Any) -> History:
+def check_history(history: Any) -> History:
     if history is None:
         return []
     if not isinstance(history, (list, tuple)) or not all(
@@ -40,20 +41,6 @@ def _check_history(history: Any) -> History:
     ):
         raise ValueError("history must be a list of (user, assistant) string pairs, as returned by chat()")
     return [tuple(turn) for turn in history]
-
-
-@contextlib.contextmanager
-def _seeded(seed: Optional[int]):
-    """Seed Paddle's generator for one generation and restore its state afterwards."""
-    if seed is None:
-        yield
-        return
-    state = paddle.get_rng_state()
-    paddle.seed(seed)
-    try:
-        yield
-    finally:
-        paddle.set_rng_state(state)
 
 
 class ChatMixin:
@@ -74,39 +61,37 @@ class ChatMixin:
         if not isinstance(query, str) or not query.strip():
             raise ValueError("query is empty; ask something")
         processor = InternLMXComposer2Processor.from_config(tokenizer, self.config)
-        layout = processor.chat_layout(query, history, len(images), meta_instruction)
+        with paddle.no_grad():
+            image_embeds = self._image_embeds(processor, images)
+        num_images = 0 if image_embeds is None else image_embeds.shape[0]
+        layout = processor.chat_layout(query, history, num_images, meta_instruction)
         if len(layout) > self.config.max_length:
             raise ValueError(
                 f"the prompt is {len(layout)} tokens, more than max_length {self.config.max_length}; "
                 "shorten the query or start a new conversation (fewer history turns)"
             )
         ids = paddle.to_tensor([layout.ids], dtype="int64")
-        if not images:
+        if image_embeds is None:
             return layout, self.model.embed(ids), None
         im_mask = paddle.to_tensor([layout.im_mask], dtype="bool")
         with paddle.no_grad():
-            embeds = self.embed_interleaved(ids, im_mask, image_embeds=self._image_embeds(processor, images))
+            embeds = self.embed_interleaved(ids, im_mask, image_embeds=image_embeds)
         return layout, embeds, im_mask
 
-    def _image_embeds(self, processor: InternLMXComposer2Processor, images: List[Any]) -> paddle.Tensor:
-        """``[n, P, H]`` from sources (paths, URLs, PIL, bytes), pixel tensors ``[n,3,S,S]``
-        or already encoded embeddings ``[n, P, H]`` (what the official ``encode_img`` returns)."""
+    def _image_embeds(self, processor: InternLMXComposer2Processor, images: List[Any]) -> Optional[paddle.Tensor]:
+        """``[n, P, H]`` (None without images) from sources (paths, URLs, PIL, bytes) or tensors:
+        pixels ``[n,3,S,S]`` / ``[3,S,S]``, or already encoded embeddings ``[n, P, H]`` (what
+        ``encode_img`` returns). A tensor may hold several images."""
+        if not images:
+            return None
         tensors = [img for img in images if isinstance(img, paddle.Tensor)]
         if not tensors:
             return self.encode_img(paddle.to_tensor(processor.pixel_values(images)))
         if len(tensors) != len(images):
             raise ValueError("pass images either all as tensors or all as files/URLs/PIL images, not mixed")
-        stacked = paddle.concat(tensors)
-        return stacked if stacked.ndim == 3 else self.encode_img(stacked)
-
-    def interleav_wrap_chat(self, tokenizer, query: str, image: Any, history: Optional[History] = None,
-                            meta_instruction: str = DEFAULT_META_INSTRUCTION):
-        """Official name: ``({"inputs_embeds": [1, T, H]}, im_mask [1, T])`` of a chat prompt."""
-        _, embeds, im_mask = self._chat_inputs(tokenizer, query, _as_image_list(image), _check_history(history),
-                                               meta_instruction)
-        if im_mask is None:
-            im_mask = paddle.zeros(embeds.shape[:2], dtype="bool")
-        return {"inputs_embeds": embeds}, im_mask
+        encoded = [self.config.num_image_tokens, self.config.hidden_size]
+        return paddle.concat([t if t.ndim == 3 and list(t.shape[1:]) == encoded else self.encode_img(t)
+                              for t in tensors])
 
     def _official_prefix(self, tokenizer, layout: Layout) -> List[int]:
         """What the official ``generate`` outputs before the new tokens: the prompt ids on the
@@ -131,12 +116,12 @@ class ChatMixin:
     def _generate_one(self, tokenizer, query, image, history, meta_instruction, output_scores, settings):
         """First yields the official prefix ids, then ``(token id, scores)`` per step."""
         settings = self._settings(tokenizer, **settings)
-        history = _check_history(history)
-        layout, embeds, im_mask = self._chat_inputs(tokenizer, query, _as_image_list(image), history, meta_instruction)
+        history = check_history(history)
+        layout, embeds, im_mask = self._chat_inputs(tokenizer, query, as_image_list(image), history, meta_instruction)
         prefix = self._official_prefix(tokenizer, layout)
         yield prefix
         seen = seen_ids([prefix])
-        with _seeded(settings.seed):
+        with seeded(settings.seed):
             for token, scores in generate_tokens(self, embeds, settings, seen, im_mask=im_mask,
                                                  output_scores=output_scores):
                 yield int(token[0]), (scores[0] if scores is not None else None)
@@ -148,44 +133,72 @@ class ChatMixin:
 
     def chat(self, tokenizer, query: str, image: Any = None, history: Optional[History] = None, streamer: Any = None,
              max_new_tokens: int = 1024, do_sample: bool = True, temperature: float = 1.0, top_p: float = 0.8,
-             top_k: Optional[int] = None, repetition_penalty: float = 1.005,
-             meta_instruction: str = DEFAULT_META_INSTRUCTION, seed: Optional[int] = None,
-             **kwargs: Any) -> Tuple[str, History]:
-        """Answer ``query`` about ``image`` (None, one, or a list: paths, URLs, PIL images,
-        bytes, or pixel tensors) → ``(response, history + [(query, response)])``.
+             repetition_penalty: float = 1.005, meta_instruction: str = DEFAULT_META_INSTRUCTION, *,
+             top_k: Optional[int] = None, seed: Optional[int] = None, num_beams: int = 1,
+             length_penalty: float = 1.0) -> Tuple[str, History]:
+        """Answer ``query`` about ``image`` → ``(response, history + [(query, response)])``. The
+        official arguments, in the official order; ``image``: None, one image or a list (paths,
+        URLs, PIL images, bytes), or a tensor of pixels ``[n,3,S,S]`` or embeddings ``[n,P,H]``.
 
-        ``streamer``: an object with ``put(ids)`` / ``end()`` (transformers/PaddleNLP
-        ``TextStreamer`` protocol) that receives every new token.
-        """
-        if kwargs:
-            raise TypeError(f"chat() got unexpected arguments: {sorted(kwargs)}")
+        ``streamer``: an object with ``put(ids)`` / ``end()`` (the transformers/PaddleNLP
+        ``TextStreamer`` protocol): as officially, the first ``put`` gets the ids generation starts
+        from (the prompt, or the BOS seed of an image prompt), then each new token.
+        ``num_beams > 1`` (with ``do_sample=False``) is transformers' beam search, as the official
+        ``chat`` passes it on; ``top_k`` and ``seed`` are extensions."""
         settings = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p,
                         top_k=top_k, repetition_penalty=repetition_penalty, seed=seed)
-        gen = self._generate_one(tokenizer, query, image, history, meta_instruction, False, settings)
-        next(gen)
-        new_ids = []
-        for token, _ in gen:
-            new_ids.append(token)
+        if num_beams > 1:
+            new_ids = self._beam_chat(tokenizer, query, image, history, meta_instruction, settings, num_beams,
+                                      length_penalty, streamer)
+        else:
+            gen = self._generate_one(tokenizer, query, image, history, meta_instruction, False, settings)
+            prefix = next(gen)
             if streamer is not None:
-                streamer.put(paddle.to_tensor([token]))
-        if streamer is not None:
-            streamer.end()
+                streamer.put(paddle.to_tensor([prefix]))
+            new_ids = []
+            for token, _ in gen:
+                new_ids.append(token)
+                if streamer is not None:
+                    streamer.put(paddle.to_tensor([token]))
+            if streamer is not None:
+                streamer.end()
         response = self._response(tokenizer, new_ids)
-        return response, _check_history(history) + [(query, response)]
+        return response, check_history(history) + [(query, response)]
 
-    def stream_chat(self, tokenizer, query: str, image: Any = None, history: Optional[History] = None,
-                    max_new_tokens: int = 1024, do_sample: bool = True, temperature: float = 1.0,
-                    top_p: float = 0.8, top_k: Optional[int] = None, repetition_penalty: float = 1.005,
+    def _beam_chat(self, tokenizer, query, image, history, meta_instruction, settings, num_beams, length_penalty,
+                   streamer) -> List[int]:
+        """The new ids of a beam-search answer (transformers' ``beam_search``, see :mod:`.beam_search`)."""
+        if settings["do_sample"]:
+            raise ValueError("num_beams > 1 with do_sample=True (beam sampling) is not supported; pass "
+                             "do_sample=False for beam search")
+        if streamer is not None:
+            raise ValueError("a streamer cannot be used with beam search; set num_beams=1")
+        checked = self._settings(tokenizer, **settings)
+        layout, embeds, im_mask = self._chat_inputs(tokenizer, query, as_image_list(image), check_history(history),
+                                                    meta_instruction)
+        prefix = self._official_prefix(tokenizer, layout)
+        beams = BeamSettings(num_beams=num_beams, max_length=len(prefix) + checked.max_new_tokens,
+                             eos_token_ids=checked.eos_token_ids, pad_token_id=checked.pad_token_id,
+                             repetition_penalty=checked.repetition_penalty, length_penalty=length_penalty)
+        return beam_search(self, embeds, np.asarray([prefix], dtype=np.int64), beams, im_mask=im_mask)[0][
+            len(prefix):].tolist()
+
+    def stream_chat(self, tokenizer, query: str, history: Optional[History] = None, max_new_tokens: int = 1024,
+                    do_sample: bool = True, temperature: float = 0.8, top_p: float = 0.8, *, image: Any = None,
+                    top_k: Optional[int] = None, repetition_penalty: float = 1.005,
                     meta_instruction: str = DEFAULT_META_INSTRUCTION,
                     seed: Optional[int] = None) -> Iterator[Tuple[str, History]]:
-        """Yield ``(response so far, history)`` whenever the response grows by whole
-        characters (never half a multi-byte character); the last item is the final answer
-        with the final history, equal to what :meth:`chat` returns."""
+        """The official ``stream_chat`` (its argument order and defaults: temperature 0.8; ``image``
+        and the rest by keyword, as the official ``**kwargs``): first ``("", history + [(query, "")])``,
+        then ``(response so far, history)`` whenever the response grows by whole characters (never
+        half a multi-byte character); the last item is the final answer with the final history,
+        equal to what :meth:`chat` returns for the same arguments."""
         settings = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p,
                         top_k=top_k, repetition_penalty=repetition_penalty, seed=seed)
-        history = _check_history(history)
+        history = check_history(history)
         gen = self._generate_one(tokenizer, query, image, history, meta_instruction, False, settings)
         next(gen)
+        yield "", history + [(query, "")]
         new_ids: List[int] = []
         shown = ""
         for token, _ in gen:
@@ -198,7 +211,7 @@ class ChatMixin:
                 shown = text
                 yield shown, history + [(query, shown)]
         final = self._response(tokenizer, new_ids)
-        if final != shown or not new_ids or not shown:
+        if final != shown:
             yield final, history + [(query, final)]
 
     def batch_chat(self, tokenizer, queries: Sequence[str], images: Optional[Sequence[Any]] = None,
@@ -211,20 +224,20 @@ class ChatMixin:
         results equal calling :meth:`chat` on each prompt alone."""
         n = len(queries)
         images = list(images) if images is not None else [None] * n
-        histories = [_check_history(h) for h in (histories or [None] * n)]
+        histories = [check_history(h) for h in (histories or [None] * n)]
         if not (len(images) == len(histories) == n):
             raise ValueError(f"{n} queries but {len(images)} image entries and {len(histories)} histories")
         settings = self._settings(tokenizer, max_new_tokens=max_new_tokens, do_sample=do_sample,
                                   temperature=temperature, top_p=top_p, top_k=top_k,
                                   repetition_penalty=repetition_penalty, seed=seed)
-        rows = [self._chat_inputs(tokenizer, q, _as_image_list(img), h, meta_instruction)
+        rows = [self._chat_inputs(tokenizer, q, as_image_list(img), h, meta_instruction)
                 for q, img, h in zip(queries, images, histories)]
         embeds, im_mask, attention_mask = self._left_pad(tokenizer, rows)
         seen = seen_ids([self._official_prefix(tokenizer, layout) for layout, _, _ in rows])
         new_ids: List[List[int]] = [[] for _ in range(n)]
         done = [False] * n
         eos = set(settings.eos_token_ids)
-        with _seeded(settings.seed):
+        with seeded(settings.seed):
             for tokens, _ in generate_tokens(self, embeds, settings, seen, im_mask=im_mask,
                                              attention_mask=attention_mask):
                 for i, token in enumerate(tokens.tolist()):

@@ -6,6 +6,7 @@ sampling — temperature, top-k and top-p (logits *warpers*), then argmax or a d
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence, Tuple
 
@@ -24,6 +25,9 @@ __all__ = [
     "choose_greedy_on_host",
     "process_scores",
     "generate_tokens",
+    "real_positions",
+    "seen_ids",
+    "seeded",
 ]
 
 # transformers' GenerationConfig default: the official chat never sets top_k, so sampling
@@ -150,9 +154,7 @@ def generate_tokens(
     b, t = inputs_embeds.shape[:2]
     cfg = model.config
     cache = KVCache(cfg.num_hidden_layers, b, cfg.num_key_value_heads, cfg.head_dim, t + 1, inputs_embeds.dtype)
-    positions = None
-    if attention_mask is not None:  # left padding: positions count real tokens only
-        positions = paddle.clip(paddle.cumsum(attention_mask.astype("int64"), axis=-1) - 1, min=0)
+    positions = None if attention_mask is None else real_positions(attention_mask)
     eos = np.asarray(list(settings.eos_token_ids), dtype=np.int64)
     finished = np.zeros([b], dtype=bool)
     # a greedy CPU generation penalises and chooses in numpy (the logits go to the host anyway)
@@ -185,6 +187,13 @@ def generate_tokens(
                            past_key_values=cache, logits_to_keep=1).logits
 
 
+def real_positions(attention_mask: paddle.Tensor) -> paddle.Tensor:
+    """Position ids ``[b, T]`` of left-padded rows: real tokens count from 0, pads sit at 0. (The
+    official rotary ignores position ids, so its padded rows are shifted by their padding; here a
+    row's answer does not depend on what it was batched with.)"""
+    return paddle.clip(paddle.cumsum(attention_mask.astype("int64"), axis=-1) - 1, min=0)
+
+
 def seen_ids(rows: Sequence[Sequence[int]]) -> paddle.Tensor:
     """``[b, n]`` int64 ids the repetition penalty starts from; shorter rows repeat their
     first id (a repeated id changes nothing)."""
@@ -195,3 +204,17 @@ def seen_ids(rows: Sequence[Sequence[int]]) -> paddle.Tensor:
         table[i, : len(ids)] = ids
         table[i, len(ids):] = ids[0]
     return paddle.to_tensor(table)
+
+
+@contextlib.contextmanager
+def seeded(seed: Optional[int]) -> Iterator[None]:
+    """Seed Paddle's generator for one generation and restore its state afterwards."""
+    if seed is None:
+        yield
+        return
+    state = paddle.get_rng_state()
+    paddle.seed(seed)
+    try:
+        yield
+    finally:
+        paddle.set_rng_state(state)

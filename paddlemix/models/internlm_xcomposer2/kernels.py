@@ -53,8 +53,10 @@ def cpu_has_avx512() -> bool:
     Paddle's own ``cpuid`` check (it also asks the OS whether it saves the ``zmm`` state).
     Read once per process and logged once."""
     supported = bool(paddle.base.core.supports_avx512f())
-    logger.info("CPU %s AVX-512: fused CPU kernels %s", "has" if supported else "lacks",
-                "enabled" if supported else "disabled (plain kernels instead)")
+    if supported:
+        logger.debug("the CPU has AVX-512: Paddle's fused CPU kernels are used")
+    else:
+        logger.info("the CPU has no AVX-512: plain kernels instead of Paddle's fused CPU ones (which need it)")
     return supported
 
 

@@ -22,6 +22,7 @@ from .chat import ChatMixin
 from .configuration import InternLMXComposer2Config
 from .internlm2 import InternLM2Model
 from .kv_cache import KVCache
+from .official_api import OfficialAPIMixin
 from .plora import ImageRows, PLoRALinear
 from .vision import CLIPVisionTower, build_vision_projector
 
@@ -77,7 +78,7 @@ class InternLMXComposer2PretrainedModel(PretrainedModel):
                 layer.bias.set_value(paddle.zeros_like(layer.bias))
 
 
-class InternLMXComposer2ForCausalLM(ChatMixin, InternLMXComposer2PretrainedModel):
+class InternLMXComposer2ForCausalLM(ChatMixin, OfficialAPIMixin, InternLMXComposer2PretrainedModel):
     """The official model's modules and parameter names: ``model.*``, ``output``, ``vit.*``,
     ``vision_proj.*``. The ViT is frozen as in the official model (``fix_vit``)."""
 
@@ -90,14 +91,17 @@ class InternLMXComposer2ForCausalLM(ChatMixin, InternLMXComposer2PretrainedModel
         self.vision_proj = build_vision_projector(vision.hidden_size, config.hidden_size, config.projector_depth)
         for param in self.vit.parameters():
             param.stop_gradient = True
+        self.tokenizer = None  # as officially: set it for encode_text (chat takes the tokenizer as an argument)
 
     # --- images ------------------------------------------------------------------------------
-    def encode_img(self, image: Any) -> paddle.Tensor:
-        """Image(s) → projected patch embeddings ``[n, P, H]``.
+    def encode_img(self, image: Any) -> Optional[paddle.Tensor]:
+        """Image(s) → projected patch embeddings ``[n, P, H]`` (``None`` → ``None``, as officially).
 
         ``image``: a pixel tensor ``[n,3,S,S]`` / ``[3,S,S]``, or anything the image processor
         accepts (path, URL, PIL image, bytes, or a list of them).
         """
+        if image is None:
+            return None
         if not isinstance(image, paddle.Tensor):
             from .image_processing import InternLMXComposer2ImageProcessor
 

@@ -150,6 +150,10 @@ class CLIPVisionTower(nn.Layer):
         """``[n, C, S, S]`` → ``[n, (S/patch)**2, D]``."""
         return self.vision_tower.vision_model(pixel_values)[:, 1:]
 
+    def resize_pos(self) -> None:
+        """Official name (the composition demo calls it): the position table is already loaded at
+        the grid of ``img_size`` (checkpoints store it resized), so there is nothing to do."""
+
 
 def build_vision_projector(in_dim: int, hidden: int, depth: int) -> nn.Sequential:
     """``vision_proj``: Linear(in, H), then ``depth-1`` × (exact GELU, Linear(H, H)).
