@@ -2,6 +2,7 @@
 evaluation, summaries, resume; on the fixtures in tests/data/evaluation and the tiny official model."""
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -9,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -17,7 +17,8 @@ from conftest import REPO_ROOT
 
 DATA = REPO_ROOT / "tests" / "data" / "evaluation"
 MMBENCH, MMBENCH_CIRC = DATA / "mmbench_tiny.tsv", DATA / "mmbench_circular_tiny.tsv"
-SQA_PROBLEMS, SQA_ROWS, CHATML = DATA / "scienceqa_problems.json", DATA / "scienceqa_rows.jsonl", DATA / "chatml_seed.json"
+SQA_PROBLEMS, SQA_ROWS = DATA / "scienceqa_problems.json", DATA / "scienceqa_rows.jsonl"
+CHATML = DATA / "chatml_seed.json"
 EVALUATE = REPO_ROOT / "paddlemix" / "tools" / "evaluate.py"
 U146, U145 = "[UNUSED_TOKEN_146]", "[UNUSED_TOKEN_145]"
 
@@ -411,6 +412,45 @@ def test_batched_answers_equal_one_by_one_for_every_kind_of_row():
     assert chat_answerer.answer(chat) == [chat_answerer.answer([item])[0] for item in chat]
 
 
+def test_a_prompt_over_max_length_fails_its_row_only():
+    from paddlemix.evaluation.items import RowProblem
+
+    good, long = load(MMBENCH).items[:2]
+    long.prompt = long.prompt.replace("Which scene is shown?", "word " * 5000)
+    answers = _answerer().answer([good, long])
+    assert answers[0] == _answerer().answer([good])[0]
+    assert isinstance(answers[1], RowProblem) and "more than max_length 4096" in str(answers[1])
+
+
+def test_images_by_url_path_and_base64_give_the_same_answer(tmp_path, loopback_no_proxy):
+    import http.server
+
+    from conftest import loopback_server
+
+    png = (DATA / "images" / "red.png").read_bytes()
+
+    class Image(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.end_headers()
+            self.wfile.write(png)
+
+        def log_message(self, *args):
+            pass
+
+    with loopback_server(Image) as base:
+        rows = [{"id": kind, "question": "Which colour is shown?", "choices": ["red", "green"], "answer": 0,
+                 "image": image} for kind, image in (("url", f"{base}/red.png"), ("path", "red.png"),
+                                                     ("base64", base64.b64encode(png).decode()))]
+        (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (tmp_path / "red.png").write_bytes(png)
+        data = load(tmp_path / "rows.jsonl")
+        assert [i.images[0].kind for i in data.items] == ["url", "path", "base64"]
+        answers = _answerer().answer(data.items)
+    assert all(isinstance(a, str) for a in answers) and len(set(answers)) == 1
+
+
 def _official_embeds(item):
     """The official ``model_gen`` sequence, built as it builds it: encode '' with BOS, the image's
     embeddings, then the prompt encoded without special tokens, concatenated."""
@@ -418,7 +458,9 @@ def _official_embeds(item):
     from paddlemix.models.internlm_xcomposer2 import InternLMXComposer2ImageProcessor
 
     model, tokenizer = _tiny()
-    embed = lambda text, bos: model.model.embed(paddle.to_tensor([tokenizer(text, add_special_tokens=bos)["input_ids"]]))
+    def embed(text, bos):
+        return model.model.embed(paddle.to_tensor([tokenizer(text, add_special_tokens=bos)["input_ids"]]))
+
     pixels = InternLMXComposer2ImageProcessor(img_size=model.config.img_size)(item.images[0].source())["pixel_values"]
     with paddle.no_grad():
         parts = [embed("", True), model.encode_img(paddle.to_tensor(pixels)), embed(item.prompt, False)]
@@ -536,7 +578,9 @@ def test_cli_killed_mid_run_resumes_to_identical_results(tiny_model_dir, tmp_pat
     config = EvalConfig(model=str(tiny_model_dir), data=str(data), out=str(tmp_path / "whole"), num_beams=1,
                         max_new_tokens=12, batch_size=2, progress=False)
     whole = run_evaluation(config, _tiny)
-    records = lambda d: sorted(json.loads(line)["id"] + line for line in (d / "predictions.jsonl").read_text().splitlines())
+    def records(directory):
+        return sorted((directory / "predictions.jsonl").read_text().splitlines())
+
     assert records(out) == records(tmp_path / "whole") and len(records(out)) == rows
     resumed = json.loads((out / "summary.json").read_text())
     for key in ("overall", "category", "l2-category", "bad_rows", "questions"):

@@ -1,8 +1,9 @@
 """What the readers produce: evaluation items, and the rows they could not use.
 
 Every format becomes a list of :class:`EvalItem`. An item is either a benchmark question asked
-with the official evaluation layout (``kind == "mcq"``: BOS, the image, then the prompt) or a chat question asked as the model was fine-tuned (``kind == "chat"``: our chatml
-rows, through ``batch_chat``). Images stay unloaded (an :class:`ImageRef`) until their batch runs.
+with the official evaluation layout (``kind == "mcq"``: BOS, the image, then the prompt) or a
+chat question asked as the model was fine-tuned (``kind == "chat"``: our chatml rows, through
+``batch_chat``). Images stay unloaded (an :class:`ImageRef`) until their batch runs.
 """
 from __future__ import annotations
 

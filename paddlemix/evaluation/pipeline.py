@@ -176,13 +176,21 @@ def run_evaluation(config: EvalConfig, load_model: Callable[[], Tuple[Any, Any]]
     return _finish(config, data, selected, done, answered)
 
 
+def _model_name(model: str) -> str:
+    """A hub id as given; a local checkpoint by its last two folders (``run3/checkpoint``)."""
+    if not os.path.exists(model):
+        return model
+    parts = os.path.normpath(os.path.abspath(model)).split(os.sep)
+    return "/".join(parts[-2:])
+
+
 def _finish(config: EvalConfig, data: LoadedData, selected: Sequence[EvalItem], done: Mapping[str, Any],
             answered: int) -> EvalResult:
     from .plot import plot_summary
 
     summary = summarise(selected, done, data.bad_rows, config.circular, data.notes)
     summary["settings"] = {k: v for k, v in asdict(config).items() if k != "progress"}
-    title = f"{os.path.basename(os.path.normpath(config.model))} on {os.path.basename(config.data)}"
+    title = f"{_model_name(config.model)} on {os.path.basename(config.data)}"
     paths = write_summary(summary, config.out, title)
     paths["chart"] = plot_summary(summary, os.path.join(config.out, CHART_FILE), title)
     paths["predictions"] = PredictionStore(config.out).path

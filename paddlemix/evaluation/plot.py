@@ -25,9 +25,9 @@ def _panel(axis, bars, colour: str, overall: Optional[float], heading: str) -> N
     axis.barh(names, values, color=colour)
     for y, (_, value, label) in enumerate(bars[::-1]):
         axis.text(min(value, 100) + 1, y, label, va="center", fontsize=8)
-    if overall is not None:
-        axis.axvline(overall, color=OVERALL_COLOUR, linestyle="--", linewidth=1, label=f"overall {overall:.1f}%")
-        axis.legend(loc="lower right", fontsize=8)
+    if overall is not None:  # named in the heading: a legend box would cover bar labels
+        axis.axvline(overall, color=OVERALL_COLOUR, linestyle="--", linewidth=1)
+        heading += f"  (dashed: overall {overall:.1f}%)"
     axis.set_xlim(0, 125)
     axis.set_xticks(range(0, 101, 20))
     axis.set_xlabel("accuracy (%)")
