@@ -197,6 +197,12 @@ def test_format_detection_and_file_level_errors(tmp_path):
         load(tmp_path / "missing.tsv")
     with pytest.raises(ValueError, match="--circular works on TSV files"):
         load(CHATML, circular=True)
+    lines = MMBENCH.read_text().splitlines()
+    (tmp_path / "dup.tsv").write_text("\n".join(lines[:3] + [lines[1]]) + "\n")
+    (tmp_path / "images").symlink_to(DATA / "images")
+    dup = load(tmp_path / "dup.tsv")
+    assert [i.id for i in dup.items] == ["0", "1"] and [b.reason for b in dup.bad_rows] == [
+        "duplicate index 0, already used by row 0"]
 
 
 # --- circular evaluation ----------------------------------------------------------------------
@@ -408,8 +414,9 @@ def test_batched_answers_equal_one_by_one_for_every_kind_of_row():
     assert batched == [answerer.answer([item])[0] for item in items]
     assert all(isinstance(a, str) for a in batched) and len(set(batched)) > 1
     chat = load(CHATML).items
-    chat_answerer = _answerer(repetition_penalty=1.005, meta_instruction="")
-    assert chat_answerer.answer(chat) == [chat_answerer.answer([item])[0] for item in chat]
+    for beams in (1, 3):
+        chat_answerer = _answerer(repetition_penalty=1.005, meta_instruction="", num_beams=beams)
+        assert chat_answerer.answer(chat) == [chat_answerer.answer([item])[0] for item in chat]
 
 
 def test_a_prompt_over_max_length_fails_its_row_only():

@@ -173,7 +173,7 @@ class Answerer:
                                       repetition_penalty=self.options.repetition_penalty,
                                       eos_token_id=list(stops), pad_token_id=self.tokenizer.pad_token_id)
         rows = np.asarray(out.numpy() if isinstance(out, paddle.Tensor) else out).tolist()
-        starts = (0, self.tokenizer.bos_token_id)
+        starts = (self.tokenizer.unk_token_id, self.tokenizer.bos_token_id)  # the official `in (0, 1)` check
         return [self._decode(row[1:] if row and row[0] in starts else row) for row in rows]
 
     def _decode(self, ids: List[int]) -> str:

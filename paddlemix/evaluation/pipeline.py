@@ -157,9 +157,10 @@ def run_evaluation(config: EvalConfig, load_model: Callable[[], Tuple[Any, Any]]
                                  config.image_root, config.split)
     decode = _decode_settings(config, data.format)
     if decode["num_beams"] > 1 and not beam_search_available(InternLMXComposer2ForCausalLM):
-        raise ValueError(f"num_beams {decode['num_beams']} (the official setting for {data.format}) needs beam "
-                         "search in model.generate, which this version of the model package lacks; pass "
-                         "--num_beams 1 for greedy decoding (scores can differ slightly from the official ones)")
+        raise ValueError(f"num_beams {decode['num_beams']} (the official setting for {data.format} is "
+                         f"{FORMAT_DEFAULTS[data.format]['num_beams']}) needs beam search in model.generate, which this "
+                         "version of the model package lacks; pass --num_beams 1 for greedy decoding (scores can "
+                         "differ slightly from the official ones)")
     for row in data.bad_rows:
         logger.info("bad row: %s: %s", row.location, row.reason)
     selected = select_items(data.items, config.limit, config.shuffle, config.seed, config.circular)

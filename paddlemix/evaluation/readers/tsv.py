@@ -101,11 +101,14 @@ def read_tsv(path: str, style: str = "official", circular: bool = False,
     """Items of an MMBench-style TSV (file-level problems raise; row-level ones become bad rows).
     With --circular and no rotated copies in the file, they are built for every usable question."""
     base_dir = os.path.abspath(os.path.dirname(path) if image_root is None else os.path.expanduser(image_root))
-    rows, bad = [], []
+    rows, bad, seen = [], [], {}
     for number, row in enumerate(_load_table(path)):
         where = f"{path}, row {number} (0-based; line {number + 2})"
         try:
             row["index"] = _index(row)
+            if row["index"] in seen:
+                raise RowProblem(f"duplicate index {row['index']}, already used by row {seen[row['index']]}")
+            seen[row["index"]] = number
             rows.append((f"{where}, index {row['index']}", row))
         except RowProblem as err:
             bad.append(BadRow(where, str(err)))
