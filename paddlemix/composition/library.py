@@ -126,6 +126,7 @@ class EmbeddingCache:
     def __init__(self, root: Union[str, Path], fingerprint: str, shape: Tuple[int, int]) -> None:
         self.directory = Path(root) / fingerprint[:32]
         self.shape = tuple(shape)
+        self.writable = True  # until a write fails: then warn once and stop trying
 
     def path(self, sha: str) -> Path:
         return self.directory / f"{sha}.npy"
@@ -147,7 +148,10 @@ class EmbeddingCache:
         return array
 
     def put(self, sha: str, array: np.ndarray, about: Dict[str, Any]) -> bool:
-        """Store atomically (temporary file + rename); False (and a warning) if it cannot be written."""
+        """Store atomically (temporary file + rename); False (and one warning) if it cannot be written."""
+        if not self.writable:
+            return False
+        tmp = None
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             info = self.directory / "info.json"
@@ -161,6 +165,9 @@ class EmbeddingCache:
         except OSError as err:
             logger.warning("cannot write the embedding cache in %s (%s); features kept in memory only",
                            self.directory, err)
+            if tmp is not None and os.path.exists(tmp):
+                os.unlink(tmp)
+            self.writable = False
             return False
 
 

@@ -15,6 +15,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import paddle
@@ -24,7 +25,7 @@ from paddlemix.models.internlm_xcomposer2.image_processing import InternLMXCompo
 from . import prompts
 from .article import Article, Candidate, ImageSlot
 from .decoding import seeded
-from .library import IMAGE_EXTENSIONS, ImageLibrary, open_library
+from .library import IMAGE_EXTENSIONS, ImageLibrary, file_sha256, open_library
 from .parsing import caption_table, spread_places, split_paragraphs
 from .ranking import RankingPrompt, caption_scores, top_candidates
 from .steps import Selection, caption_places, choose_candidate, locate_images, write_article
@@ -67,9 +68,10 @@ class ComposeOptions:
 
 @dataclass
 class Uploads:
-    """The user's own images (``--image``): paths and their features ``[n, P, H]``."""
+    """The user's own images (``--image``): paths, file hashes and features ``[n, P, H]``."""
 
     paths: List[str]
+    hashes: List[str]
     embeds: paddle.Tensor
 
 
@@ -88,7 +90,7 @@ def load_uploads(model: Any, images: Optional[Sequence[Any]]) -> Optional[Upload
     pixels = processor(paths, return_tensors="np")["pixel_values"]
     with paddle.no_grad():
         embeds = model.encode_img(paddle.to_tensor(pixels))
-    return Uploads(paths, embeds)
+    return Uploads(paths, [file_sha256(Path(p)) for p in paths], embeds)
 
 
 def _emit(on_event: Event, message: str) -> None:
@@ -288,7 +290,11 @@ def _select_all(model: Any, tokenizer: Any, article: Article, shown: List[str], 
         selection = _choose(model, tokenizer, i, chunks, chosen, offer, opts, article, on_event)
         chosen.append(offer.embeds[selection.index:selection.index + 1])
         picked = offer.indices[selection.index]
-        used[offer.source].add(picked if offer.source == "upload" else library.hashes[picked])
+        if offer.source == "upload":
+            used["upload"].add(picked)
+            used["library"].add(uploads.hashes[picked])  # a library copy of it is used too
+        else:
+            used["library"].add(library.hashes[picked])
         candidates = [Candidate(p, s) for p, s in zip(offer.paths, offer.scores or [None] * len(offer.paths))]
         article.slots.append(ImageSlot(i, captions.get(i, ""), offer.source, candidates, selection.index,
                                        selection.answer, selection.fell_back))
