@@ -17,10 +17,15 @@ stdout, and ``benchmarks/results/<name>.json``)::
     python benchmarks/bench.py load                # from_pretrained of HF safetensors, in a child process
     python benchmarks/bench.py overhead            # 32 tiny layers: per layer-token overhead
     python benchmarks/bench.py bandwidth           # numpy copy of 1 GiB → decode bound
+    python benchmarks/bench.py gemm                # best fp32 GEMM rate here (NumPy's BLAS, Paddle) → prefill bound
     python benchmarks/bench.py all                 # everything above, each in a fresh process
 
 The thread count is fixed *before* Paddle is imported (``OMP_NUM_THREADS`` /
-``MKL_NUM_THREADS``, then ``paddle.base.core.set_num_threads``); default 2.
+``MKL_NUM_THREADS``, then ``paddle.base.core.set_num_threads``); default 2. So are the CPU-vendor
+settings every entry point applies (``paddlemix/cpu_env.py``: on a non-Intel CPU, MKL's code path
+by instruction set); ``--mkl-default`` measures without them. Results go to
+``benchmarks/results/<cpu>/`` (one folder per CPU kind: vendor, model, AVX-512 or not) and carry
+the machine's own bounds: copy bandwidth (decode) and best GEMM rate (prefill).
 These are CPU measurements on whatever machine runs them; other processes running at
 the same time skew them (each result records how busy the rest of the machine was).
 """
@@ -30,6 +35,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -53,6 +59,13 @@ THREADS = _early_threads(sys.argv)
 os.environ["OMP_NUM_THREADS"] = str(THREADS)
 os.environ["MKL_NUM_THREADS"] = str(THREADS)
 os.environ.setdefault("GLOG_minloglevel", "2")
+MKL_DEFAULT = "--mkl-default" in sys.argv
+if MKL_DEFAULT:
+    os.environ["IXC2_CPU_TUNING"] = "0"
+
+from paddlemix.cpu_env import configure_cpu_environment, cpu_info  # noqa: E402  (no Paddle import)
+
+configure_cpu_environment()  # as every entry point does, before Paddle loads
 
 import warnings  # noqa: E402
 
@@ -71,7 +84,19 @@ from paddlemix.models.internlm_xcomposer2.modeling import InternLMXComposer2ForC
 from paddlemix.models.internlm_xcomposer2.tokenizer import InternLMXComposer2Tokenizer  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-RESULTS = os.path.join(HERE, "results")
+
+
+def cpu_kind() -> str:
+    """The results folder of this CPU: vendor, model and AVX-512 or not (e.g. ``amd-epyc-avx2``)."""
+    info = cpu_info()
+    vendor = {"GenuineIntel": "intel", "AuthenticAMD": "amd"}.get(str(info.get("vendor")), "cpu")
+    words = [w for w in str(info.get("model", "")).lower().replace("(r)", "").replace("(tm)", "").split()
+             if w not in ("intel", "amd", "processor", "cpu", "core")]
+    isa = "avx512" if "avx512f" in info.get("flags", frozenset()) else "avx2"
+    return "-".join([vendor, *words[:2], isa] + (["mkl-default"] if MKL_DEFAULT else []))
+
+
+RESULTS = os.path.join(HERE, "results", cpu_kind())
 FIXTURE = os.environ.get("IXC2_BENCH_FIXTURE", os.path.join(os.path.dirname(HERE), "..", "shared", "fixtures", "ixc2-tiny"))
 if not os.path.isdir(FIXTURE):
     FIXTURE = "/work/shared/fixtures/ixc2-tiny"
@@ -100,7 +125,8 @@ OFFICIAL = {
 }
 TARGETS = {
     "decode_image_tps": 25.0,
-    "decode_image_fraction_of_bound": 0.70,
+    "decode_image_fraction_of_bound": 0.85,
+    "prefill_over_gemm_bound": 1.3,
     "decode_text_tps": 25.0,
     "prefill_s": 0.85,
     "train_full_s": 5.5,
@@ -260,17 +286,23 @@ def repeat(fn: Callable[[], Dict[str, float]], runs: int, warmup: int, idle_wait
 
 
 def machine_info() -> Dict[str, Any]:
-    model = "unknown"
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    from paddlemix.models.internlm_xcomposer2.kernels import fused_kernels_on_cpu
+
+    info = cpu_info()
+    flags = info.get("flags", frozenset())
+    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout if shutil.which("lscpu") else ""
     return {
-        "cpu_model": model,
+        "cpu_model": info.get("model", "unknown"),
+        "cpu_vendor": info.get("vendor", "unknown"),
+        "cpu_kind": cpu_kind(),
+        "avx2": "avx2" in flags,
+        "avx512f": "avx512f" in flags,
+        "lscpu_model_name": next((line.split(":", 1)[1].strip() for line in lscpu.splitlines()
+                                  if line.startswith("Model name")), None),
+        "lscpu_cpu_family_model": [line.split(":", 1)[1].strip() for line in lscpu.splitlines()
+                                   if line.startswith(("CPU family", "Model:"))],
+        "mkl_debug_cpu_type": os.environ.get("MKL_DEBUG_CPU_TYPE"),
+        "fused_cpu_kernels": fused_kernels_on_cpu(),
         "cores": os.cpu_count(),
         "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
         "platform": platform.platform(),
@@ -311,6 +343,62 @@ def bandwidth(runs: int = 5) -> Dict[str, Any]:
             _BANDWIDTH = measure_copy_bandwidth(runs)
         _BANDWIDTH["others_cpu_percent"] = load.others_percent
     return _BANDWIDTH
+
+
+# The prefill's largest GEMM: 405 tokens × hidden 1024 × intermediate 2816 (w1, w3 of the bench config).
+GEMM_SHAPE = (405, 1024, 2816)
+_GEMM: Optional[Dict[str, Any]] = None
+
+
+def measure_gemm(runs: int = 7) -> Dict[str, Any]:
+    """fp32 GEMM rate at ``GEMM_SHAPE``, at this process's threads, with NumPy's BLAS and with
+    Paddle (MKL): the best is the machine's rate the prefill is held to."""
+    m, k, n = GEMM_SHAPE
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((m, k), dtype=np.float32), rng.standard_normal((k, n), dtype=np.float32)
+    pa, pb = paddle.to_tensor(a), paddle.to_tensor(b)
+    rates = {}
+    for lib, fn in (("numpy", lambda: a @ b), ("paddle", lambda: paddle.matmul(pa, pb).numpy())):
+        fn()
+        times = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        rates[lib] = 2 * m * k * n / statistics.median(times) / 1e9
+    return {"shape": list(GEMM_SHAPE), "gflops": rates, "best_gflops": max(rates.values()),
+            "best_library": max(rates, key=rates.get)}
+
+
+def gemm_bound() -> Dict[str, Any]:
+    """The GEMM rate measured once per process (prefill results carry it)."""
+    global _GEMM
+    if _GEMM is None:
+        wait_for_idle(IDLE_WAIT)
+        with MachineLoad() as load:
+            _GEMM = measure_gemm()
+        _GEMM["others_cpu_percent"] = load.others_percent
+    return _GEMM
+
+
+def prefill_flops(config: InternLMXComposer2Config, tokens: int, image_tokens: int, images: int) -> float:
+    """Multiply-add FLOPs (2 per MAC) of an image chat's prefill: ViT + projector over the images,
+    the decoder over ``tokens`` (attention over all of them, PLoRA on the image rows) and the head
+    on the last position only. Elementwise work is not counted: the bound is GEMM-only."""
+    v = config.vision
+    patches = (config.img_size // v.patch_size) ** 2
+    vit = images * (2 * patches * 3 * v.patch_size ** 2 * v.hidden_size + v.num_hidden_layers * (
+        2 * (patches + 1) * (4 * v.hidden_size ** 2 + 2 * v.hidden_size * v.intermediate_size)
+        + 4 * (patches + 1) ** 2 * v.hidden_size))
+    h, inter = config.hidden_size, config.intermediate_size
+    projector = 2 * images * patches * (v.hidden_size * h + (config.projector_depth - 1) * h * h)
+    qkv = (config.num_attention_heads + 2 * config.num_key_value_heads) * config.head_dim
+    linears = [(h, qkv), (h, h), (h, inter), (h, inter), (inter, h)]
+    dense = 2 * tokens * sum(i * o for i, o in linears)
+    plora = 2 * image_tokens * sum(config.lora_r * (i + o) for i, o in linears)
+    attention = 4 * tokens * tokens * config.num_attention_heads * config.head_dim
+    llm = config.num_hidden_layers * (dense + plora + attention)
+    return float(vit + projector + llm + 2 * h * config.vocab_size)
 
 
 def decode_bound(config: InternLMXComposer2Config) -> Dict[str, float]:
@@ -461,11 +549,29 @@ def cmd_decode(model, args, image: bool) -> Dict[str, Any]:
 def cmd_prefill(model, args) -> Dict[str, Any]:
     log("prefill: image chat, time to the first token")
     runs = repeat(lambda: timed_chat(model, IMAGE_QUERY, IMG1, 1), args.runs, 1, args.idle_wait)
-    figures = {"prefill_s": figure([r["prefill_s"] for r in runs], "s", OFFICIAL["prefill_s"], TARGETS["prefill_s"],
-                                   lower_is_better=True)}
     layout_len = prompt_length(model, IMAGE_QUERY, 1)
-    return write_result("prefill", {"figures": figures, "prompt_tokens": layout_len,
+    gemm = gemm_bound()
+    flops = prefill_flops(model.config, layout_len, model.config.num_image_tokens, 1)
+    bound_s = flops / (gemm["best_gflops"] * 1e9)
+    seconds = [r["prefill_s"] for r in runs]
+    figures = {"prefill_s": figure(seconds, "s", OFFICIAL["prefill_s"], TARGETS["prefill_s"], lower_is_better=True,
+                                   bound=bound_s),
+               "over_gemm_bound": figure([t / bound_s for t in seconds], "x", target=TARGETS["prefill_over_gemm_bound"],
+                                         lower_is_better=True)}
+    return write_result("prefill", {"figures": figures, "prompt_tokens": layout_len, "gemm": gemm,
+                                    "bound": {"prefill_gflop": flops / 1e9, "best_gemm_gflops": gemm["best_gflops"],
+                                              "bound_s": bound_s},
                                     "others_cpu_percent": [r["others_cpu_percent"] for r in runs]}, args)
+
+
+def cmd_gemm(args) -> Dict[str, Any]:
+    global _GEMM
+    _GEMM = None
+    gemm = gemm_bound()
+    figures = {lib: figure([rate], "GFLOP/s") for lib, rate in gemm["gflops"].items()}
+    return write_result("gemm", {"figures": figures, "gemm": gemm,
+                                 "notes": f"fp32 {GEMM_SHAPE[0]}x{GEMM_SHAPE[1]} @ {GEMM_SHAPE[1]}x{GEMM_SHAPE[2]}, "
+                                          "median of 7, at the benchmark's threads"}, args)
 
 
 def prompt_length(model, query: str, num_images: int) -> int:
@@ -780,12 +886,14 @@ def cmd_bandwidth(args) -> Dict[str, Any]:
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["decode-image", "decode-text", "prefill", "train-step", "load", "overhead",
-                                            "bandwidth", "all", "_load-child"])
+                                            "bandwidth", "gemm", "all", "_load-child"])
     parser.add_argument("directory", nargs="?", help=argparse.SUPPRESS)
     parser.add_argument("--runs", type=int, default=7, help="timed runs (>= 5 recommended; default 7)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (set before Paddle is imported)")
     parser.add_argument("--trainable", choices=["full", "plora"], default="full")
     parser.add_argument("--batch", type=int, choices=[1, 4], default=1)
+    parser.add_argument("--mkl-default", action="store_true",
+                        help="measure without the CPU-vendor settings of paddlemix/cpu_env.py (read before Paddle loads)")
     parser.add_argument("--idle-wait", type=float, default=2.0,
                         help="before each run, wait up to this many seconds for the machine to be idle (default 2)")
     args = parser.parse_args(argv)
@@ -801,6 +909,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     bandwidth()
     if args.command == "bandwidth":
         cmd_bandwidth(args)
+        return
+    if args.command == "gemm":
+        cmd_gemm(args)
         return
     if args.command == "overhead":
         cmd_overhead(args)
@@ -823,10 +934,11 @@ def run_all(args) -> None:
     per process: a process that has just run a 6 GB training step decodes the overhead model
     ~25 % slower (measured: heap state), so one shared process would skew the later figures."""
     t0 = time.perf_counter()
-    common = ["--threads", str(THREADS), "--idle-wait", str(args.idle_wait)]
+    common = ["--threads", str(THREADS), "--idle-wait", str(args.idle_wait)] + (["--mkl-default"] if MKL_DEFAULT else [])
     runs = ["--runs", str(args.runs)]
     jobs = [
         ("bandwidth", ["bandwidth", *runs]),
+        ("gemm", ["gemm"]),
         ("prefill", ["prefill", *runs]),
         ("decode-image", ["decode-image", *runs]),
         ("decode-text", ["decode-text", *runs]),

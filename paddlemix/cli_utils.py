@@ -16,6 +16,8 @@ import sys
 import warnings
 from typing import Any, Callable, Iterator, Optional
 
+from paddlemix.cpu_env import configure_cpu_environment, describe_applied
+
 __all__ = [
     "EXIT_ERROR",
     "EXIT_INTERRUPTED",
@@ -54,6 +56,9 @@ def setup_logging(verbose: bool = False) -> None:
     for message in _NOISY_WARNINGS:
         warnings.filterwarnings("ignore", message=message)
     logging.basicConfig(level=level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    applied = describe_applied()
+    if applied:
+        logging.getLogger("paddlemix.cpu_env").info(applied)
     from paddlenlp.utils.log import logger as paddlenlp_logger
 
     paddlenlp_logger.set_level("INFO" if verbose else "WARNING")
@@ -70,12 +75,14 @@ def warn(message: str) -> None:
 
 
 def run_cli(main: Callable[..., Optional[int]]) -> Callable[..., None]:
-    """Decorate a CLI ``main``: exit with its return value; bad input (``ValueError``,
+    """Decorate a CLI ``main``: first the CPU-vendor settings that must precede Paddle's import
+    (:mod:`paddlemix.cpu_env`); then exit with its return value; bad input (``ValueError``,
     ``OSError``, including every library error type) → ``error: <message>`` on stderr and
     exit 2; Ctrl-C → exit 130 quietly. Anything else is a bug and keeps its traceback."""
 
     @functools.wraps(main)
     def wrapper(*args: Any, **kwargs: Any) -> None:
+        configure_cpu_environment()
         try:
             code = main(*args, **kwargs)
         except KeyboardInterrupt:

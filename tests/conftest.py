@@ -15,6 +15,10 @@ from typing import Iterator, List, Tuple
 import numpy as np
 import pytest
 
+from paddlemix.cpu_env import configure_cpu_environment
+
+configure_cpu_environment()  # this process is an entry point too: before anything imports Paddle
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("IXC2_SHARED", REPO_ROOT.parent / "shared"))
 TINY = SHARED / "fixtures" / "ixc2-tiny"

@@ -1,0 +1,61 @@
+"""CPU-vendor settings applied by the entry points before Paddle loads (``paddlemix/cpu_env.py``)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from paddlemix import cpu_env
+
+AVX2 = frozenset({"sse4_2", "avx", "avx2", "fma"})
+AVX512 = AVX2 | {"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"}
+
+
+@pytest.mark.parametrize("vendor, flags, expected", [
+    ("AuthenticAMD", AVX512, cpu_env.MKL_AVX512),  # Zen 4
+    ("AuthenticAMD", AVX2, cpu_env.MKL_AVX2),  # Zen 3
+    ("AuthenticAMD", AVX2 | {"avx512f"}, cpu_env.MKL_AVX2),  # AVX-512 F alone is not MKL's AVX-512 path
+    ("HygonGenuine", AVX2, cpu_env.MKL_AVX2),
+    ("AuthenticAMD", frozenset({"sse4_2", "avx"}), None),  # no AVX2: leave MKL alone
+    ("GenuineIntel", AVX512, None),  # MKL already takes Intel's best path
+    ("", AVX512, None),
+])
+def test_the_mkl_path_follows_the_cpus_own_flags(vendor, flags, expected):
+    assert cpu_env.mkl_cpu_type(vendor, flags) == expected
+
+
+def test_the_users_environment_wins():
+    amd = {"vendor": "AuthenticAMD", "model": "AMD EPYC", "flags": AVX2}
+    env = {}
+    assert cpu_env.configure_cpu_environment(env, amd) == {"MKL_DEBUG_CPU_TYPE": "5"} and env["MKL_DEBUG_CPU_TYPE"] == "5"
+    env = {"MKL_DEBUG_CPU_TYPE": "4"}
+    assert cpu_env.configure_cpu_environment(env, amd) == {} and env == {"MKL_DEBUG_CPU_TYPE": "4"}
+    env = {"IXC2_CPU_TUNING": "0"}
+    assert cpu_env.configure_cpu_environment(env, amd) == {} and "MKL_DEBUG_CPU_TYPE" not in env
+    assert cpu_env.configure_cpu_environment({}, {"vendor": "GenuineIntel", "model": "Xeon", "flags": AVX512}) == {}
+
+
+def test_cpuinfo_is_read_from_the_first_cpu(tmp_path):
+    path = tmp_path / "cpuinfo"
+    path.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 7B13\nflags\t\t: fpu avx2 fma\n\n"
+                    "processor\t: 1\nvendor_id\t: Other\n", encoding="utf-8")
+    assert cpu_env.cpu_info(str(path)) == {"vendor": "AuthenticAMD", "model": "AMD EPYC 7B13",
+                                           "flags": frozenset({"fpu", "avx2", "fma"})}
+    assert cpu_env.cpu_info(str(tmp_path / "missing")) == {}
+
+
+def test_a_cli_sets_it_before_paddle_loads_and_says_so():
+    """Through ``run_cli``, as every CLI: the variable is in the environment when Paddle (and MKL)
+    loads, and ``-v`` logging names it; on an Intel CPU nothing is set."""
+    code = ("import os\nfrom paddlemix.cli_utils import run_cli, setup_logging\n"
+            "@run_cli\ndef main():\n    setup_logging(verbose=True)\n    import paddle\n"
+            "    print('MKL_DEBUG_CPU_TYPE=' + os.environ.get('MKL_DEBUG_CPU_TYPE', 'unset'))\nmain()\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("MKL_DEBUG_CPU_TYPE", "IXC2_CPU_TUNING")}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    info = cpu_env.cpu_info()
+    expected = cpu_env.mkl_cpu_type(str(info.get("vendor", "")), frozenset(info.get("flags", frozenset())))
+    assert f"MKL_DEBUG_CPU_TYPE={expected or 'unset'}" in result.stdout
+    assert (f"MKL_DEBUG_CPU_TYPE={expected}, so MKL takes its" in result.stderr) == (expected is not None)
