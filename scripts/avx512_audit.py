@@ -5,7 +5,11 @@ run it without checking the CPU (``phi::fusion::RmsNormAvxKernel`` behind ``fuse
 which kills the process with SIGILL on CPUs without AVX-512. This disassembles the libraries
 (``objdump -d``, from binutils) and prints each function that uses an AVX-512-only register
 (zmm, xmm/ymm 16-31, opmask k1-k7) or mnemonic, demangled. MKL and oneDNN are not listed: they
-pick their code path from the CPU at run time. The result backs the table in
+pick their code path from the CPU at run time. The libraries are stripped of local symbols, so
+code of an unnamed function (an OpenMP-outlined loop of a fused kernel) is listed under the
+exported symbol before it: on Paddle 3.3.1 that is how ``common::DDim::operator[]``,
+``std::sqrt(float)`` and a hash-table ``rehash`` appear (their own code is plain; checked with
+``objdump --start-address``). The result backs the table in
 ``paddlemix/models/internlm_xcomposer2/kernels.py``::
 
     python scripts/avx512_audit.py [--out audit.txt]
