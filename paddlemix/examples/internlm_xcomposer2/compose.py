@@ -102,10 +102,9 @@ def report(article, written: List[Path]) -> None:
         speed = f" ({lib['encoded'] / lib['encode_seconds']:.1f} images/s)" if lib["encoded"] and lib["encode_seconds"] else ""
         print(f"library: {lib['images']} images, {lib['encoded']} encoded{speed}, {lib['cache_hits']} from the cache "
               f"({lib['cache']})", file=sys.stderr)
-        for item in lib["skipped"]:
-            warn(f"skipped {item['path']}: {item['reason']}")
-        if lib["skipped"]:
-            warn(f"{len(lib['skipped'])} unreadable library image(s) skipped")
+        if lib["skipped"]:  # each one was logged, with its reason, when the library was opened
+            warn(f"{len(lib['skipped'])} unreadable library image(s) skipped: "
+                 + ", ".join(item["path"] for item in lib["skipped"]))
     for slot in article.slots:
         print(f"image after paragraph {slot.paragraph}: {slot.path}" + (f"  ({slot.caption})" if slot.caption else ""),
               file=sys.stderr)
