@@ -4,8 +4,10 @@ Paddle's CPU wheel multiplies float32 matrices with the MKL-ML library it bundle
 a slow generic code path on CPUs that are not Intel's (measured on AMD EPYC, Zen 3 and Zen 4:
 a 405×1024×2816 GEMM at 18–26 GFLOP/s, against 87–99 with the right path and 59–159 for
 NumPy's OpenBLAS on the same cores). This MKL still honours ``MKL_DEBUG_CPU_TYPE``, which selects
-the code path by instruction set instead of by vendor: ``5`` = AVX2 (needs AVX2 + FMA), ``6`` =
-AVX-512 (needs AVX-512 F/CD/BW/DQ/VL). It is read once, when MKL loads, so only entry points
+the code path by instruction set instead of by vendor: ``5`` = AVX2 (needs AVX2 + FMA), the one
+path chosen here. (``6`` is not Skylake's AVX-512: on a Zen 4, which has AVX-512 F/CD/BW/DQ/VL, it
+dies with SIGILL in the first decode step, so no other value is used.) It is read once, when MKL
+loads, so only entry points
 (CLIs, benchmarks, the test suite) call :func:`configure_cpu_environment`, first thing; the
 library never changes the environment at import.
 
@@ -19,12 +21,11 @@ from __future__ import annotations
 import os
 from typing import Dict, FrozenSet, MutableMapping, Optional
 
-__all__ = ["cpu_info", "mkl_cpu_type", "configure_cpu_environment", "describe_applied", "MKL_AVX2", "MKL_AVX512"]
+__all__ = ["cpu_info", "mkl_cpu_type", "configure_cpu_environment", "describe_applied", "MKL_AVX2"]
 
 CPUINFO = "/proc/cpuinfo"
-MKL_AVX2, MKL_AVX512 = "5", "6"  # MKL_DEBUG_CPU_TYPE values of the AVX2 and AVX-512 (Skylake-SP) paths
+MKL_AVX2 = "5"  # MKL_DEBUG_CPU_TYPE of MKL's AVX2 (Haswell) path
 AVX2_FLAGS = frozenset({"avx2", "fma"})
-AVX512_FLAGS = frozenset({"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"})
 OPT_OUT = "IXC2_CPU_TUNING"
 applied: Dict[str, str] = {}  # what configure_cpu_environment set in this process (CLIs log it once logging is up)
 
@@ -47,11 +48,7 @@ def mkl_cpu_type(vendor: str, flags: FrozenSet[str]) -> Optional[str]:
     """The ``MKL_DEBUG_CPU_TYPE`` for a CPU, or None (Intel, or no AVX2: leave MKL alone)."""
     if not vendor or vendor == "GenuineIntel":
         return None
-    if AVX512_FLAGS <= flags:
-        return MKL_AVX512
-    if AVX2_FLAGS <= flags:
-        return MKL_AVX2
-    return None
+    return MKL_AVX2 if AVX2_FLAGS <= flags else None
 
 
 def configure_cpu_environment(environ: Optional[MutableMapping[str, str]] = None,
@@ -74,7 +71,5 @@ def describe_applied() -> Optional[str]:
     """One log line saying what :func:`configure_cpu_environment` set, or None."""
     if not applied:
         return None
-    value = applied["MKL_DEBUG_CPU_TYPE"]
-    return (f"{applied['cpu']}: MKL_DEBUG_CPU_TYPE={value}, so MKL takes its "
-            f"{'AVX-512' if value == MKL_AVX512 else 'AVX2'} path (set MKL_DEBUG_CPU_TYPE yourself, or {OPT_OUT}=0, "
-            "to choose otherwise)")
+    return (f"{applied['cpu']}: MKL_DEBUG_CPU_TYPE={applied['MKL_DEBUG_CPU_TYPE']}, so MKL takes its AVX2 path "
+            f"(set MKL_DEBUG_CPU_TYPE yourself, or {OPT_OUT}=0, to choose otherwise)")
