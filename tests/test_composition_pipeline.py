@@ -13,7 +13,8 @@ import pytest
 from PIL import Image
 
 from paddlemix.composition import compose, open_library, pipeline, steps
-from paddlemix.composition.article import Article
+from paddlemix.composition.article import Article, Candidate, ImageSlot
+from paddlemix.composition.editing import apply_edit, edit_article
 from paddlemix.composition.pipeline import ComposeOptions, illustrate, load_uploads
 from paddlemix.models.internlm_xcomposer2 import InternLMXComposer2Tokenizer
 from paddlemix.models.internlm_xcomposer2.processor import IMAGE_SLOT
@@ -199,3 +200,46 @@ def test_text_only_when_asked_or_without_images(model, tokenizer, library, scrip
     script(article=["第一段"])
     article = compose(model, tokenizer, "x")
     assert not article.slots and any("no images given" in n for n in article.notes)
+
+
+def _illustrated():
+    slot = lambda p: ImageSlot(p, f"c{p}", "library", [Candidate(f"/x/{p}.png", 0.0)], 0)  # noqa: E731
+    return Article("i", "", ["A", "B", "C"], [slot(0), slot(2)])
+
+
+def test_apply_edit_moves_images_with_their_paragraphs():
+    article = _illustrated()
+    apply_edit(article, 1, "insert a paragraph before", "new\n\nline")
+    assert article.paragraphs == ["A", "new line", "B", "C"] and [s.paragraph for s in article.slots] == [0, 3]
+    apply_edit(article, 0, "后插入一段", "after A")
+    assert article.paragraphs == ["A", "after A", "new line", "B", "C"] and [s.paragraph for s in article.slots] == [0, 4]
+    apply_edit(article, 4, "rewrite", "C2")
+    assert article.paragraphs[-1] == "C2" and article.slot_after(4).caption == "c2"  # the image stays
+    apply_edit(article, 0, "expand", "")  # an empty answer deletes the paragraph and its image
+    assert article.paragraphs == ["after A", "new line", "B", "C2"] and [s.paragraph for s in article.slots] == [3]
+    assert article.text == "after A\nnew line\nB\nC2"
+    with pytest.raises(ValueError, match="does not exist"):
+        apply_edit(article, 9, "rewrite", "x")
+    with pytest.raises(ValueError, match="unknown edit type"):
+        apply_edit(article, 0, "translate", "x")
+
+
+def test_edit_article_asks_with_the_neighbours(model, tokenizer, script):
+    fake = script(article=["插入的段落"])
+    article = _illustrated()
+    edit_article(model, tokenizer, article, 2, "insert a paragraph before", "过渡")
+    assert "第一段：B\n第二段：C\n插入段的大纲：过渡" in fake.calls["article"][0][0]
+    assert article.paragraphs == ["A", "B", "插入的段落", "C"] and [s.paragraph for s in article.slots] == [0, 3]
+
+
+def test_a_cut_selection_prompt_is_noted(model, tokenizer, library, script, monkeypatch):
+    script(locations=["<Seg0>"], captions=['x"'], selection=[letter(tokenizer, "A")])
+    constructed_scores(monkeypatch, {"x": [1, 0, 0, 0, 0, 0]})
+    saved = model.config.max_length
+    model.config.max_length = 600  # the selection prompt holds 4 candidates: 4 x 256 image rows
+    try:
+        article = Article("i", "", ["A", "B"])
+        illustrate(model, tokenizer, article, None, library, ComposeOptions(num_images=1))
+    finally:
+        model.config.max_length = saved
+    assert any("selection (after paragraph 0) prompt" in n and "cut to max_length" in n for n in article.notes)

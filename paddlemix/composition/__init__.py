@@ -5,6 +5,7 @@ candidates), with its prompts and decoding settings, and a local image library r
 model itself instead of the demo's web image search. Entry point: :func:`compose`.
 """
 from .article import Article, Candidate, ImageSlot, article_html, article_markdown, save_article
+from .editing import apply_edit, edit_article
 from .library import ImageLibrary, LibraryStats, SkippedImage, open_library
 from .pipeline import ComposeOptions, compose, illustrate, load_uploads
 from .ranking import RankingPrompt, caption_scores, top_candidates
@@ -12,6 +13,7 @@ from .steps import caption_places, choose_candidate, edit_paragraph, locate_imag
 
 __all__ = [
     "Article", "Candidate", "ImageSlot", "article_html", "article_markdown", "save_article",
+    "apply_edit", "edit_article",
     "ImageLibrary", "LibraryStats", "SkippedImage", "open_library",
     "ComposeOptions", "compose", "illustrate", "load_uploads",
     "RankingPrompt", "caption_scores", "top_candidates",

@@ -126,32 +126,43 @@ def compose(model: Any, tokenizer: Any, instruction: str, images: Optional[Seque
     opts = ComposeOptions(num_images=num_images, **options)
     requested = opts.requested_images()
     uploads = load_uploads(model, images)
-    if library is not None and not isinstance(library, ImageLibrary):
-        folder = os.fspath(library)
-        _emit(on_event, f"opening the image library {folder}")
-        library = open_library(model, folder, cache_dir, opts.batch_size, opts.progress)
-        if not len(library):
-            raise ValueError(f"the image library {folder!r} has no readable image "
-                             f"({', '.join(IMAGE_EXTENSIONS)}; {len(library.stats.skipped)} unreadable)")
-    upload_embeds = uploads.embeds if uploads is not None else None
+    library = _open(model, library, cache_dir, opts, on_event)
     _emit(on_event, "writing the article")
     with seeded(opts.seed):
-        step = write_article(model, tokenizer, instruction, upload_embeds, max_new_tokens=opts.max_new_tokens,
-                             do_sample=opts.do_sample, repetition_penalty=opts.repetition_penalty,
-                             with_meta=opts.with_meta, on_text=on_text)
+        step = write_article(model, tokenizer, instruction, uploads.embeds if uploads is not None else None,
+                             max_new_tokens=opts.max_new_tokens, do_sample=opts.do_sample,
+                             repetition_penalty=opts.repetition_penalty, with_meta=opts.with_meta, on_text=on_text)
     article = Article(instruction, step.text, split_paragraphs(step.text), timings={"article": step.seconds})
     if library is not None:
         article.library = _library_summary(library)
+    _check_cut(article, step, "article", on_event)
     if not article.paragraphs:
         _note(article, "the model wrote an empty article; no images placed", on_event)
-    elif requested == 0:
-        pass  # text only, as asked
-    elif uploads is None and library is None:
+    elif requested != 0 and uploads is None and library is None:
         _note(article, "no images given (images= or library=): the article has no pictures", on_event)
-    else:
+    elif requested != 0:  # 0: text only, as asked
         with seeded(opts.seed):
             illustrate(model, tokenizer, article, uploads, library, opts, on_event)
     return article
+
+
+def _open(model: Any, library: Any, cache_dir: Any, opts: ComposeOptions, on_event: Event) -> Optional[ImageLibrary]:
+    """An opened library as it is, a folder opened (encoding what is not cached), or None."""
+    if library is None or isinstance(library, ImageLibrary):
+        return library
+    folder = os.fspath(library)
+    _emit(on_event, f"opening the image library {folder}")
+    opened = open_library(model, folder, cache_dir, opts.batch_size, opts.progress)
+    if not len(opened):
+        raise ValueError(f"the image library {folder!r} has no readable image "
+                         f"({', '.join(IMAGE_EXTENSIONS)}; {len(opened.stats.skipped)} unreadable)")
+    return opened
+
+
+def _check_cut(article: Article, output: Any, step: str, on_event: Event) -> None:
+    if output is not None and output.truncated:
+        _note(article, f"the {step} prompt ({output.prompt_tokens} positions kept) was cut to max_length, as the "
+              "official demo cuts it: its end was lost", on_event)
 
 
 def _library_summary(library: ImageLibrary) -> Dict[str, Any]:
@@ -179,6 +190,7 @@ def _find_places(model: Any, tokenizer: Any, article: Article, shown: List[str],
                                       uploads.embeds if uploads is not None else None,
                                       do_sample=opts.do_sample, with_meta=opts.with_meta)
     article.location_answer, article.timings["locations"] = locations.answer, output.seconds
+    _check_cut(article, output, "location", on_event)
     for problem in locations.problems:
         _note(article, f"location answer: {problem}", on_event)
     places = locations.places
@@ -309,6 +321,7 @@ def _choose(model: Any, tokenizer: Any, place: int, chunks: List[str], chosen: L
     selection = choose_candidate(model, tokenizer, chunks, paddle.concat(chosen) if chosen else None, offer.embeds,
                                  do_sample=opts.do_sample, with_meta=opts.with_meta)
     article.timings["selection"] += selection.output.seconds
+    _check_cut(article, selection.output, f"selection (after paragraph {place})", on_event)
     if selection.fell_back:
         _note(article, f"selection after paragraph {place}: {selection.reason}; candidate A used, as the demo does",
               on_event)

@@ -37,13 +37,15 @@ TextCallback = Callable[[str], None]
 
 @dataclass
 class StepOutput:
-    """One model call: the prompt, what the step read from the answer, sizes and time."""
+    """One model call: the prompt, what the step read from the answer, sizes and time, and
+    whether the prompt was cut to ``max_length`` (as the demo cuts its image prompts)."""
 
     prompt: str
     text: str
     prompt_tokens: int
     new_tokens: int
     seconds: float
+    truncated: bool = False
 
 
 def _streamed(model: Any, tokenizer: Any, inputs: PromptInputs, max_new_tokens: int, do_sample: bool,
@@ -88,7 +90,7 @@ def write_article(model: Any, tokenizer: Any, instruction: str, upload_embeds: O
     prompt = prompts.article_prompt(instruction, num_uploads, with_meta)
     inputs = prompt_inputs(model, tokenizer, prompt, upload_embeds)
     text, count = _streamed(model, tokenizer, inputs, max_new_tokens, do_sample, repetition_penalty, on_text)
-    return StepOutput(prompt, text, inputs.length, count, time.perf_counter() - started)
+    return StepOutput(prompt, text, inputs.length, count, time.perf_counter() - started, inputs.truncated)
 
 
 def locate_images(model: Any, tokenizer: Any, paragraphs: Sequence[str], num_images: str,
@@ -102,7 +104,8 @@ def locate_images(model: Any, tokenizer: Any, paragraphs: Sequence[str], num_ima
     inputs = prompt_inputs(model, tokenizer, prompt, upload_embeds, via_input_ids=num_uploads == 0)
     text, count = _answer(model, tokenizer, inputs, prompts.BUDGETS["locations"], do_sample)
     locations = parse_locations(text)
-    return locations, StepOutput(prompt, locations.answer, inputs.length, count, time.perf_counter() - started)
+    return locations, StepOutput(prompt, locations.answer, inputs.length, count, time.perf_counter() - started,
+                                 inputs.truncated)
 
 
 def caption_places(model: Any, tokenizer: Any, paragraphs: Sequence[str], places: Sequence[int], *,
@@ -153,7 +156,7 @@ def choose_candidate(model: Any, tokenizer: Any, chunks: Sequence[str], chosen_e
     ids = list(generate_ids(model, inputs, settings))
     answer = tokenizer.decode(ids[1:])
     index, reason = parse_selection(answer, count)
-    output = StepOutput(prompt, answer, inputs.length, len(ids), time.perf_counter() - started)
+    output = StepOutput(prompt, answer, inputs.length, len(ids), time.perf_counter() - started, inputs.truncated)
     if index is None:
         logger.info("selection: %s; using candidate A, as the official demo does", reason)
         return Selection(0, answer, True, reason, output)
