@@ -64,15 +64,25 @@ def test_cache_miss_then_hit_then_changed_file(model, folder, capsys):
     assert first.cache.directory.parent == folder / CACHE_DIRNAME
 
     second = open_library(model, folder, progress=False)
-    assert (second.stats.encoded, second.stats.cache_hits) == (0, 4)
+    assert (second.stats.encoded, second.stats.cache_hits, second.stats.hashed) == (0, 4, 0)  # no file read
     np.testing.assert_array_equal(second.embeddings([0, 3]).numpy(), first.embeddings([0, 3]).numpy())
 
     Image.new("RGB", (30, 40), (30, 200, 30)).save(folder / "trip" / "blue.png")  # same name, new content
     third = open_library(model, folder, progress=False)
-    assert (third.stats.encoded, third.stats.cache_hits) == (1, 3)
+    assert (third.stats.encoded, third.stats.cache_hits, third.stats.hashed) == (1, 3, 1)
     changed = [str(p) for p in third.paths].index(str(folder / "trip" / "blue.png"))
     np.testing.assert_allclose(third.embeddings([changed]).numpy(),
                                model.encode_img(str(folder / "trip" / "blue.png")).numpy(), atol=1e-5)
+
+
+def test_a_touched_file_is_hashed_again_but_not_encoded(model, folder):
+    open_library(model, folder, progress=False)
+    stat = (folder / "a.png").stat()
+    os.utime(folder / "a.png", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    again = open_library(model, folder, progress=False)
+    assert (again.stats.hashed, again.stats.encoded, again.stats.cache_hits) == (1, 0, 4)
+    (folder / CACHE_DIRNAME / "hashes.json").write_text("{broken")
+    assert open_library(model, folder, progress=False).stats.hashed == 5  # a damaged memo: everything read again
 
 
 def test_copies_are_encoded_once_and_other_dirs_work(model, folder, tmp_path):

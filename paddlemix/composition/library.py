@@ -4,8 +4,9 @@ Every image's projected vision features (``encode_img``: ``[P, H]``, what the de
 are kept in ``<cache dir>/<model fingerprint>/<sha256 of the file>.npy``. The fingerprint covers
 what the features depend on — the vision tower and projector weights (a sample of every tensor),
 the image size, tokens per image, the dtype — so another checkpoint never reads them; the file
-hash means a changed file is encoded again and a renamed or copied one is not. Files are written
-to a temporary name and renamed, so a crash never leaves a half-written entry.
+hash means a changed file is encoded again and a renamed or copied one is not (``hashes.json``
+remembers each file's hash with its size and mtime, so only new or touched files are read to hash
+them). Files are written to a temporary name and renamed, so a crash never leaves a half-written entry.
 
 An image that cannot be read (corrupt, truncated, not an image, no permission) is skipped and
 reported with its path and the reason; it never stops the article.
@@ -38,6 +39,7 @@ CACHE_DIRNAME = ".ixc2_cache"  # default cache, inside the library folder
 CACHE_FORMAT = 1  # bump when the stored layout changes: old entries are then simply not found
 FINGERPRINT_SAMPLE = 4096  # values sampled from every vision/projector tensor for the fingerprint
 HASH_CHUNK = 1 << 20
+HASHES_FILE = "hashes.json"
 
 
 @dataclass
@@ -48,9 +50,11 @@ class SkippedImage:
 
 @dataclass
 class LibraryStats:
-    """What opening a library did: images found, encoded now, read from the cache, skipped."""
+    """What opening a library did: images found, files read to hash them (the others were
+    unchanged since last time), encoded now, read from the cache, skipped."""
 
     found: int = 0
+    hashed: int = 0
     encoded: int = 0
     cache_hits: int = 0
     skipped: List[SkippedImage] = field(default_factory=list)
@@ -196,13 +200,53 @@ class ImageLibrary:
         return _from_storage(np.stack([np.asarray(self.features(i)) for i in indices]), self.dtype)
 
 
-def _hash_all(paths: List[Path], stats: LibraryStats) -> List[Tuple[Path, str]]:
+class HashMemo:
+    """``<cache root>/hashes.json``: each file's sha256 with the size and modification time (ns)
+    it had, so a file whose size and mtime are unchanged is not read again. Any change of either
+    (every edit, re-save or replacement) means the file is hashed, and so keyed, afresh."""
+
+    def __init__(self, root: Path) -> None:
+        self.path = root / HASHES_FILE
+        self.entries: Dict[str, List[Any]] = {}
+        try:
+            loaded = json.loads(self.path.read_text(encoding="utf-8"))
+            self.entries = loaded if isinstance(loaded, dict) else {}
+        except (OSError, ValueError):
+            pass  # absent or damaged: everything is hashed again
+
+    def sha256(self, path: Path, stats: LibraryStats) -> str:
+        info = path.stat()
+        key = str(path.resolve())
+        known = self.entries.get(key)
+        if isinstance(known, list) and known[:2] == [info.st_size, info.st_mtime_ns]:
+            return known[2]
+        sha = file_sha256(path)
+        stats.hashed += 1
+        self.entries[key] = [info.st_size, info.st_mtime_ns, sha]
+        return sha
+
+    def save(self) -> None:
+        tmp = None
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, suffix=".tmp")
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                json.dump(self.entries, handle)
+            os.replace(tmp, self.path)
+        except OSError as err:
+            logger.warning("cannot write %s (%s); files will be hashed again next time", self.path, err)
+            if tmp is not None and os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+def _hash_all(paths: List[Path], memo: HashMemo, stats: LibraryStats) -> List[Tuple[Path, str]]:
     hashed = []
     for path in paths:
         try:
-            hashed.append((path, file_sha256(path)))
+            hashed.append((path, memo.sha256(path, stats)))
         except OSError as err:
             stats.skipped.append(SkippedImage(str(path), f"cannot be read ({err.strerror or err})"))
+    memo.save()
     return hashed
 
 
@@ -249,7 +293,7 @@ def open_library(model: Any, directory: Union[str, Path], cache_dir: Optional[Un
     stats.found = len(paths)
     shape = (model.config.num_image_tokens, model.config.hidden_size)
     cache = EmbeddingCache(cache_root, model_fingerprint(model), shape)
-    hashed = _hash_all(paths, stats)
+    hashed = _hash_all(paths, HashMemo(cache_root), stats)
     todo, seen = [], set()
     for path, sha in hashed:
         if sha in seen:
