@@ -163,7 +163,11 @@ def test_an_answer_without_places(model, tokenizer, library, script, monkeypatch
     assert any("names no paragraph" in note for note in article.notes)
 
 
-def test_compose_streams_and_seeds(model, tokenizer, library):
+def test_compose_streams_and_seeds(model, tokenizer, library, monkeypatch):
+    from paddlemix.composition import prompts
+
+    for step in ("locations", "captions"):  # a random model never stops: keep its answers short
+        monkeypatch.setitem(prompts.BUDGETS, step, 16)
     pieces = []
     kwargs = dict(library=library, num_images=1, max_new_tokens=12, seed=5)
     first = compose(model, tokenizer, "写一篇短文。", on_text=pieces.append, **kwargs)
