@@ -197,10 +197,11 @@ def test_compose_rejects_bad_input(model, tokenizer, colours, tmp_path):
         compose(model, tokenizer, "  ")
 
 
-def test_text_only_when_asked_or_without_images(model, tokenizer, library, script):
+def test_text_only_when_asked_or_without_images(model, tokenizer, script, tmp_path):
     script(article=["第一段\n第二段"])
-    article = compose(model, tokenizer, "x", library=library, num_images=0)
+    article = compose(model, tokenizer, "x", library=tmp_path / "not opened", num_images=0)
     assert article.paragraphs == ["第一段", "第二段"] and not article.slots and not article.notes
+    assert article.library is None  # text only: the library is not even opened
     script(article=["第一段"])
     article = compose(model, tokenizer, "x")
     assert not article.slots and any("no images given" in n for n in article.notes)

@@ -126,7 +126,7 @@ def compose(model: Any, tokenizer: Any, instruction: str, images: Optional[Seque
     opts = ComposeOptions(num_images=num_images, **options)
     requested = opts.requested_images()
     uploads = load_uploads(model, images)
-    library = _open(model, library, cache_dir, opts, on_event)
+    library = _open(model, library, cache_dir, opts, on_event) if requested != 0 else None
     _emit(on_event, "writing the article")
     with seeded(opts.seed):
         step = write_article(model, tokenizer, instruction, uploads.embeds if uploads is not None else None,
@@ -167,7 +167,8 @@ def _check_cut(article: Article, output: Any, step: str, on_event: Event) -> Non
 
 def _library_summary(library: ImageLibrary) -> Dict[str, Any]:
     stats = library.stats
-    return {"images": len(library), "found": stats.found, "encoded": stats.encoded, "cache_hits": stats.cache_hits,
+    return {"images": len(library), "found": stats.found, "hashed": stats.hashed, "encoded": stats.encoded,
+            "cache_hits": stats.cache_hits,
             "encode_seconds": stats.encode_seconds, "cache": str(library.cache.directory),
             "skipped": [{"path": s.path, "reason": s.reason} for s in stats.skipped]}
 
