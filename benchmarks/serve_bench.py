@@ -122,13 +122,15 @@ def measure(args: argparse.Namespace, model, tokenizer) -> Dict[str, Any]:
                 per_clients[n] = []
                 for r in range(args.runs):
                     batches.clear()
-                    before = (engine.stats.steps, engine.stats.model_seconds, engine.stats.host_seconds)
+                    stats = engine.stats
+                    before = (stats.steps, stats.model_seconds, stats.host_seconds, stats.prefill_seconds)
                     with bench.MachineLoad() as load:
                         figures = one_run(url, n, args.max_tokens)
-                    steps = engine.stats.steps - before[0]
+                    steps = max(stats.steps - before[0], 1)
                     figures.update(others_cpu_percent=load.others_percent, batch_sizes=list(batches),
-                                   served_model_ms_per_step=1000 * (engine.stats.model_seconds - before[1]) / steps,
-                                   served_host_ms_per_step=1000 * (engine.stats.host_seconds - before[2]) / steps)
+                                   served_model_ms_per_step=1000 * (stats.model_seconds - before[1]) / steps,
+                                   served_host_ms_per_step=1000 * (stats.host_seconds - before[2]) / steps,
+                                   served_prefill_s=(stats.prefill_seconds - before[3]) / max(len(batches), 1))
                     per_clients[n].append(figures)
                     log(f"  {n} client(s), run {r + 1}/{args.runs}: " + ", ".join(
                         f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in figures.items()))
@@ -174,7 +176,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     result.update(max_tokens=args.max_tokens, batch_wait_ms=args.batch_wait_ms, lscpu_model_name=lscpu_model(),
                   prompt="<ImageHere>Describe the image. + img1.png (data URL), greedy, streamed")
     result.pop("others_cpu_percent")
-    bench.write_result("serve" if not args.quick else "serve-quick", result, args)
+    if args.quick:  # a check, not a measurement: nothing is written
+        bench.print_table("serve (quick check)", result)
+    else:
+        bench.write_result("serve", result, args)
 
 
 if __name__ == "__main__":

@@ -9,11 +9,11 @@ from __future__ import annotations
 import asyncio
 import queue
 from dataclasses import dataclass
-from typing import Optional, Protocol, Union
+from typing import Dict, List, Optional, Protocol, Sequence, Tuple, Union
 
 from .errors import APIError
 
-__all__ = ["AsyncChannel", "Channel", "Event", "Failed", "Finished", "SyncChannel", "TextDelta"]
+__all__ = ["AsyncChannel", "Channel", "Event", "Failed", "Finished", "SyncChannel", "TextDelta", "deliver"]
 
 
 @dataclass
@@ -73,3 +73,24 @@ class SyncChannel:
 
     def get(self, timeout: Optional[float] = None) -> Event:
         return self.queue.get(timeout=timeout)
+
+
+def _put_all(pairs: List[Tuple["asyncio.Queue[Event]", Event]]) -> None:
+    for queue_, event in pairs:
+        queue_.put_nowait(event)
+
+
+def deliver(items: Sequence[Tuple[Channel, Event]]) -> None:
+    """Hand over one decode step's events together: one wake-up per event loop instead of one per
+    event (each wake-up costs the loop a turn and the worker the GIL). Order per channel is kept."""
+    by_loop: Dict[asyncio.AbstractEventLoop, List[Tuple["asyncio.Queue[Event]", Event]]] = {}
+    for channel, event in items:
+        if isinstance(channel, AsyncChannel):
+            by_loop.setdefault(channel.loop, []).append((channel.queue, event))
+        else:
+            channel.put(event)
+    for loop, pairs in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_put_all, pairs)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            pass

@@ -28,7 +28,7 @@ from PIL import Image
 from paddlemix.models.internlm_xcomposer2.generation import generate_tokens, seeded, seen_ids
 from paddlemix.models.internlm_xcomposer2.processor import InternLMXComposer2Processor
 
-from .channels import Channel, Failed, Finished, TextDelta
+from .channels import Channel, Event, Failed, Finished, TextDelta, deliver
 from .errors import APIError, bad_request
 from .protocol import Conversation, SamplingParams
 from .textstream import IncrementalText
@@ -67,8 +67,9 @@ class EngineStats:
     failed: int = 0
     completion_tokens: int = 0
     batch_sizes: Dict[int, int] = field(default_factory=dict)  # size -> how many batches had it
-    steps: int = 0  # decode steps of all batches (the prefill counts as the first one)
-    model_seconds: float = 0.0  # time inside the model's generation (prefill + steps)
+    steps: int = 0  # decode steps after each batch's first ids
+    prefill_seconds: float = 0.0  # time to each batch's first ids (embedding the prompts is not in it)
+    model_seconds: float = 0.0  # time inside the model's decode steps after the first ids
     host_seconds: float = 0.0  # time the worker spent on the rows between steps (text, stops, channels)
 
     @property
@@ -84,15 +85,16 @@ class _Row:
         self.text = IncrementalText(tokenizer, job.sampling.stop)
         self.active = True
 
-    def feed(self, token: int, now: float) -> Optional[str]:
-        """Take the row's next id; returns the finish reason once the row has ended."""
+    def feed(self, token: int, now: float, outbox: List[Tuple[Channel, Event]]) -> Optional[str]:
+        """Take the row's next id (new text goes to ``outbox``); returns the finish reason once the
+        row has ended."""
         job = self.job
         if job.first_token is None:
             job.first_token = now
         job.completion_tokens += 1
         delta = self.text.push(token)
         if delta and job.stream:
-            job.channel.put(TextDelta(delta))
+            outbox.append((job.channel, TextDelta(delta)))
         if token in self.eos or self.text.stopped:
             return "stop"
         return "length" if job.completion_tokens >= job.sampling.max_tokens else None
@@ -263,35 +265,38 @@ class Engine:
                 self._decode(steps, states, held)
             finally:
                 steps.close()  # stops the work of rows nobody waits for
-        for job, event in held or []:
-            job.channel.put(event)
+        deliver([(job.channel, event) for job, event in held or []])
+        outbox: List[Tuple[Channel, Event]] = []
         for row in states:
             if row.active:  # the generator ended (every row reached EOS or max_new_tokens)
-                self._finish(row, "length")
+                self._finish(row, "length", outbox)
+        deliver(outbox)
 
     def _decode(self, steps, states: List[_Row], held: Optional[List[Tuple[Job, Finished]]]) -> None:
         """Feed every step's ids to the rows until none is still wanted; times model vs host work."""
-        model_time = host_time = 0.0
+        times = {"prefill": 0.0, "model": 0.0, "host": 0.0}
         count = 0
         mark = time.perf_counter()
         try:
             for tokens, _ in steps:
                 now = time.perf_counter()
-                model_time += now - mark
+                times["model" if count else "prefill"] += now - mark
                 count += 1
                 self._step(states, tokens.tolist(), now, held)
                 mark = time.perf_counter()
-                host_time += mark - now
+                times["host"] += mark - now
                 if not any(row.active for row in states):
                     break
         finally:
             with self._cond:
-                self.stats.steps += count
-                self.stats.model_seconds += model_time
-                self.stats.host_seconds += host_time
+                self.stats.steps += max(count - 1, 0)
+                self.stats.prefill_seconds += times["prefill"]
+                self.stats.model_seconds += times["model"]
+                self.stats.host_seconds += times["host"]
 
     def _step(self, states: List[_Row], tokens: List[int], now: float,
               held: Optional[List[Tuple[Job, Finished]]]) -> None:
+        outbox: List[Tuple[Channel, Event]] = []
         for row, token in zip(states, tokens):
             if not row.active:
                 continue
@@ -299,9 +304,10 @@ class Engine:
                 row.active = False
                 row.job.done = True
                 continue
-            reason = row.feed(token, now)
+            reason = row.feed(token, now, outbox)
             if reason is not None:
-                self._finish(row, reason, held)
+                self._finish(row, reason, outbox, held)
+        deliver(outbox)
 
     def _count_batch(self, jobs: List[Job]) -> None:
         with self._cond:
@@ -312,13 +318,15 @@ class Engine:
         if self.on_batch is not None:
             self.on_batch(jobs)
 
-    def _finish(self, row: _Row, reason: str, held: Optional[List[Tuple[Job, Finished]]] = None) -> None:
-        """End the row: the rest of its text, the log line, and ``Finished`` (sent now, or ``held``)."""
+    def _finish(self, row: _Row, reason: str, outbox: List[Tuple[Channel, Event]],
+                held: Optional[List[Tuple[Job, Finished]]] = None) -> None:
+        """End the row: the rest of its text, the log line, and ``Finished`` (to ``outbox``, or
+        ``held`` until the generation's RNG state is restored)."""
         job = row.job
         row.active = False
         delta, content = row.text.finish()
         if delta and job.stream:
-            job.channel.put(TextDelta(delta))
+            outbox.append((job.channel, TextDelta(delta)))
         job.done = True
         with self._cond:
             self.stats.requests += 1
@@ -332,7 +340,7 @@ class Engine:
         if held is not None:
             held.append((job, event))
         else:
-            job.channel.put(event)
+            outbox.append((job.channel, event))
 
     def _fail(self, jobs: List[Job], error: APIError) -> None:
         for job in jobs:
