@@ -51,7 +51,8 @@ class Model:
     """Answers each step from its own queue, recognising the step by the end of its prompt."""
 
     def __init__(self, tokenizer, answers):
-        self.tokenizer, self.answers, self.calls = tokenizer, {k: list(v) for k, v in answers.items()}, defaultdict(list)
+        self.tokenizer, self.calls = tokenizer, defaultdict(list)
+        self.answers = {k: list(v) for k, v in answers.items()}
 
     def step(self, text):
         for name, tail in (("selection", "最合适的图是"), ("locations", "适合插入图像的行是"), ("captions", '标题是"')):
@@ -64,7 +65,9 @@ class Model:
         name = self.step(text)
         self.calls[name].append((text, inputs))
         answer = self.answers[name].pop(0)
-        ids = answer if isinstance(answer, list) else list(self.tokenizer(answer, add_special_tokens=False)["input_ids"])
+        if not isinstance(answer, list):
+            answer = list(self.tokenizer(answer, add_special_tokens=False)["input_ids"])
+        ids = answer
         yield from ids + [self.tokenizer.eos_token_id]
 
 
@@ -217,7 +220,8 @@ def test_apply_edit_moves_images_with_their_paragraphs():
     apply_edit(article, 1, "insert a paragraph before", "new\n\nline")
     assert article.paragraphs == ["A", "new line", "B", "C"] and [s.paragraph for s in article.slots] == [0, 3]
     apply_edit(article, 0, "后插入一段", "after A")
-    assert article.paragraphs == ["A", "after A", "new line", "B", "C"] and [s.paragraph for s in article.slots] == [0, 4]
+    assert article.paragraphs == ["A", "after A", "new line", "B", "C"]
+    assert [s.paragraph for s in article.slots] == [0, 4]
     apply_edit(article, 4, "rewrite", "C2")
     assert article.paragraphs[-1] == "C2" and article.slot_after(4).caption == "c2"  # the image stays
     apply_edit(article, 0, "expand", "")  # an empty answer deletes the paragraph and its image

@@ -97,4 +97,5 @@ def parse_selection(answer_ids_text: str, num_candidates: int) -> Tuple[Optional
     index = ord(text[0]) - ord("A")
     if 0 <= index < num_candidates:
         return index, ""
-    return None, f"the answer {text[:20]!r} does not start with a candidate letter A-{chr(ord('A') + num_candidates - 1)}"
+    last = chr(ord("A") + num_candidates - 1)
+    return None, f"the answer {text[:20]!r} does not start with a candidate letter A-{last}"

@@ -4,8 +4,8 @@ The official demo's chain, step by step (:mod:`.steps`), with its web image sear
 the user's library ranked by the model (:mod:`.ranking`)::
 
     instruction (+ the user's images)
-      └─ 1 article (streamed) ─ paragraphs ─ 2 locations ─┬─ the user's images: 5 selection among the unused ones
-                                                          └─ 3 captions ─ 4 library ranking ─ 5 selection among the top 4
+      └─ 1 article (streamed) ─ paragraphs ─ 2 locations ─┬─ user's images: 5 selection among the unused ones
+                                                          └─ 3 captions ─ 4 library ranking ─ 5 selection, top 4
 
 Sampling is seeded (``seed``) before the article and again before the images, as the demo does.
 """

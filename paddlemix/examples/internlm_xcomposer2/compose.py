@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="your own image(s) for the article, placed where the model chooses (at most 10)")
     p.add_argument("--library", help="folder of jpg/png/webp images (searched recursively) to illustrate from")
     p.add_argument("--cache_dir", help="where library image features are cached (default: <library>/.ixc2_cache)")
-    p.add_argument("--num_images", type=num_images_arg, default="auto", help="'auto' (default) or a number; 0 = text only")
+    p.add_argument("--num_images", type=num_images_arg, default="auto",
+                   help="'auto' (default) or a number; 0 = text only")
     p.add_argument("--out", required=True, help="Markdown file to write; images are copied to images/ beside it")
     p.add_argument("--html", action="store_true", help="also write the article as a standalone .html page")
     p.add_argument("--json", action="store_true", help="also write .json: slots, candidates, scores, timings")
@@ -99,7 +100,8 @@ def report(article, written: List[Path]) -> None:
     """What happened, on stderr (stdout holds the article text)."""
     lib = article.library
     if lib:
-        speed = f" ({lib['encoded'] / lib['encode_seconds']:.1f} images/s)" if lib["encoded"] and lib["encode_seconds"] else ""
+        rate = lib["encoded"] / lib["encode_seconds"] if lib["encoded"] and lib["encode_seconds"] else None
+        speed = f" ({rate:.1f} images/s)" if rate else ""
         print(f"library: {lib['images']} images, {lib['encoded']} encoded{speed}, {lib['cache_hits']} from the cache "
               f"({lib['cache']})", file=sys.stderr)
         if lib["skipped"]:  # each one was logged, with its reason, when the library was opened
