@@ -2,8 +2,8 @@
 """Throughput of the OpenAI-compatible server under 1, 4 and 8 concurrent clients (CPU).
 
 The bench configuration model of ``bench.py`` (297 M parameters, random weights) is served
-in-process by uvicorn on 127.0.0.1; N threads, each an official ``openai`` client, send the same
-image question at once (``<ImageHere>Describe the image.`` with ``img1.png`` as a data URL),
+in-process by uvicorn on 127.0.0.1; N threads of a child process (so that their parsing does not
+compete for the server's GIL), each an official ``openai`` client, send the same image question at once (``<ImageHere>Describe the image.`` with ``img1.png`` as a data URL),
 greedy, a fixed ``max_tokens``, streamed with ``include_usage``. Per N:
 
 * aggregate decode tokens/s = Σ (completion tokens − 1) / (last token of any client − first
@@ -12,7 +12,7 @@ greedy, a fixed ``max_tokens``, streamed with ``include_usage``. Per N:
   decode, ViT, the batched prefill);
 * end-to-end tokens/s = Σ completion tokens / (last token − first request).
 
-It also times the model alone (``generate_tokens`` on a batch of b identical prompts, no HTTP) to
+Results: ``benchmarks/results/<cpu kind>/serve.json`` (as ``bench.py``). It also times the model alone (``generate_tokens`` on a batch of b identical prompts, no HTTP) to
 separate per-step model cost from server overhead. Target: ≥ 2.5× the single-client decode
 throughput at 4 clients (CPU decode is memory-bound: a batch reads the weights once per step).
 
@@ -23,23 +23,20 @@ from __future__ import annotations
 
 import argparse
 import base64
+import json
+import os
+import resource
 import statistics
 import subprocess
+import sys
 import threading
 import time
 from typing import Any, Dict, List, Optional
 
-import bench  # noqa: E402  (sets the thread count before Paddle is imported: keep it first)
-from bench import IMAGE_QUERY, IMG1, figure, log  # noqa: E402
-
-import openai  # noqa: E402
-
-from paddlemix.models.internlm_xcomposer2.generation import generate_tokens, seen_ids  # noqa: E402
-from paddlemix.models.internlm_xcomposer2.processor import DEFAULT_META_INSTRUCTION, IMAGE_PLACEHOLDER  # noqa: E402
-from paddlemix.serving.runner import ServerThread, build_server  # noqa: E402
-
 MODEL_NAME = "ixc2-bench"
 TARGET_SPEEDUP_AT_4 = 2.5
+CLIENTS_COMMAND = "_clients"  # the child process that runs the clients (no Paddle in it)
+IMAGE_TEXT = "Describe the image."  # bench.py's IMAGE_QUERY without its <ImageHere> tag
 
 
 def lscpu_model() -> str:
@@ -51,17 +48,20 @@ def lscpu_model() -> str:
                 "unknown")
 
 
-def messages() -> List[Dict[str, Any]]:
-    with open(IMG1, "rb") as f:
+def messages(image: str) -> List[Dict[str, Any]]:
+    with open(image, "rb") as f:
         url = "data:image/png;base64," + base64.b64encode(f.read()).decode()
-    text = IMAGE_QUERY.replace(IMAGE_PLACEHOLDER, "")
     return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                         {"type": "text", "text": text}]}]
+                                         {"type": "text", "text": IMAGE_TEXT}]}]
 
 
-def one_client(base_url: str, max_tokens: int, barrier: threading.Barrier, out: List[Any], i: int) -> None:
+# --- the clients (a child process: their JSON parsing must not compete for the server's GIL) ----
+def one_client(base_url: str, image: str, max_tokens: int, barrier: threading.Barrier, out: List[Any],
+               i: int) -> None:
+    import openai
+
     client = openai.OpenAI(base_url=base_url + "/v1", api_key="bench", max_retries=0, timeout=600)
-    body = messages()
+    body = messages(image)
     barrier.wait()
     start = time.perf_counter()
     first = last = None
@@ -77,15 +77,23 @@ def one_client(base_url: str, max_tokens: int, barrier: threading.Barrier, out: 
     out[i] = {"start": start, "first": first, "last": last, "tokens": tokens}
 
 
-def one_run(base_url: str, clients: int, max_tokens: int) -> Dict[str, float]:
+def run_clients(base_url: str, image: str, clients: int, max_tokens: int) -> None:
+    """In the child: ``clients`` threads start together; prints their timings as JSON."""
     out: List[Any] = [None] * clients
     barrier = threading.Barrier(clients)
-    threads = [threading.Thread(target=one_client, args=(base_url, max_tokens, barrier, out, i))
+    threads = [threading.Thread(target=one_client, args=(base_url, image, max_tokens, barrier, out, i))
                for i in range(clients)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    print(json.dumps(out))
+
+
+def one_run(base_url: str, image: str, clients: int, max_tokens: int) -> Dict[str, float]:
+    child = subprocess.run([sys.executable, os.path.abspath(__file__), CLIENTS_COMMAND, base_url, image,
+                            str(clients), str(max_tokens)], capture_output=True, text=True, check=True)
+    out = json.loads(child.stdout.strip().splitlines()[-1])
     first, last = min(r["first"] for r in out), max(r["last"] for r in out)
     tokens = [r["tokens"] for r in out]
     return {"decode_tps": sum(n - 1 for n in tokens) / (last - first),
@@ -95,8 +103,13 @@ def one_run(base_url: str, clients: int, max_tokens: int) -> Dict[str, float]:
             "tokens": sum(tokens) / clients}
 
 
+# --- the server side ----------------------------------------------------------------------------
 def model_step_ms(model, tokenizer, batch: int, new_tokens: int) -> float:
     """Median decode step of ``generate_tokens`` on ``batch`` identical image prompts (no server)."""
+    from bench import IMAGE_QUERY, IMG1
+    from paddlemix.models.internlm_xcomposer2.generation import generate_tokens, seen_ids
+    from paddlemix.models.internlm_xcomposer2.processor import DEFAULT_META_INSTRUCTION
+
     rows = [model._chat_inputs(tokenizer, IMAGE_QUERY, [IMG1], [], DEFAULT_META_INSTRUCTION) for _ in range(batch)]
     if batch == 1:
         embeds, im_mask, attention_mask = rows[0][1], rows[0][2], None
@@ -110,6 +123,9 @@ def model_step_ms(model, tokenizer, batch: int, new_tokens: int) -> float:
 
 
 def measure(args: argparse.Namespace, model, tokenizer) -> Dict[str, Any]:
+    import bench
+    from paddlemix.serving.runner import ServerThread, build_server
+
     app, engine = build_server(model, tokenizer, MODEL_NAME, max_batch_size=max(args.clients),
                                max_queue=max(args.clients), batch_wait=args.batch_wait_ms / 1000)
     batches: List[int] = []
@@ -117,22 +133,28 @@ def measure(args: argparse.Namespace, model, tokenizer) -> Dict[str, Any]:
     per_clients: Dict[int, List[Dict[str, float]]] = {}
     try:
         with ServerThread(app) as url:
-            one_run(url, 1, min(8, args.max_tokens))  # warm-up
+            one_run(url, bench.IMG1, 1, min(8, args.max_tokens))  # warm-up
             for n in args.clients:
                 per_clients[n] = []
                 for r in range(args.runs):
                     batches.clear()
                     stats = engine.stats
                     before = (stats.steps, stats.model_seconds, stats.host_seconds, stats.prefill_seconds)
+                    children, wall = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
                     with bench.MachineLoad() as load:
-                        figures = one_run(url, n, args.max_tokens)
+                        figures = one_run(url, bench.IMG1, n, args.max_tokens)
+                    # the clients' own process is not "the rest of the machine": take its CPU out
+                    clients = resource.getrusage(resource.RUSAGE_CHILDREN)
+                    clients_cpu = clients.ru_utime + clients.ru_stime - children.ru_utime - children.ru_stime
+                    clients_percent = 100 * clients_cpu / ((time.perf_counter() - wall) * (os.cpu_count() or 1))
                     steps = max(stats.steps - before[0], 1)
-                    figures.update(others_cpu_percent=load.others_percent, batch_sizes=list(batches),
+                    figures.update(others_cpu_percent=max(0.0, load.others_percent - clients_percent),
+                                   clients_cpu_percent=clients_percent, batch_sizes=list(batches),
                                    served_model_ms_per_step=1000 * (stats.model_seconds - before[1]) / steps,
                                    served_host_ms_per_step=1000 * (stats.host_seconds - before[2]) / steps,
                                    served_prefill_s=(stats.prefill_seconds - before[3]) / max(len(batches), 1))
                     per_clients[n].append(figures)
-                    log(f"  {n} client(s), run {r + 1}/{args.runs}: " + ", ".join(
+                    bench.log(f"  {n} client(s), run {r + 1}/{args.runs}: " + ", ".join(
                         f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in figures.items()))
     finally:
         engine.stop()
@@ -140,6 +162,8 @@ def measure(args: argparse.Namespace, model, tokenizer) -> Dict[str, Any]:
 
 
 def summarise(per_clients: Dict[int, List[Dict[str, float]]], steps: Dict[int, float]) -> Dict[str, Any]:
+    from bench import figure
+
     figures: Dict[str, Any] = {}
     for n, runs in per_clients.items():
         figures[f"decode_tps_{n}_clients"] = figure([r["decode_tps"] for r in runs], "tok/s")
@@ -159,6 +183,13 @@ def summarise(per_clients: Dict[int, List[Dict[str, float]]], steps: Dict[int, f
 
 
 def main(argv: Optional[List[str]] = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == [CLIENTS_COMMAND]:
+        url, image, clients, max_tokens = argv[1:]
+        run_clients(url, image, int(clients), int(max_tokens))
+        return
+    import bench  # sets the thread count and the CPU settings before Paddle is imported: first
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--runs", type=int, default=3, help="timed runs per client count (after one warm-up)")
@@ -170,8 +201,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     if args.quick:
         args.runs, args.max_tokens = 1, 16
     model, tokenizer = bench.build_model(bench.bench_config()), bench.tokenizer()
+    model_step_ms(model, tokenizer, 1, 4)  # warm-up: the first generation of a process is slow
     steps = {b: model_step_ms(model, tokenizer, b, args.max_tokens) for b in sorted(set([1, *args.clients]))}
-    log("model alone, decode step: " + ", ".join(f"batch {b}: {ms:.1f} ms" for b, ms in steps.items()))
+    bench.log("model alone, decode step: " + ", ".join(f"batch {b}: {ms:.1f} ms" for b, ms in steps.items()))
     result = summarise(measure(args, model, tokenizer), steps)
     result.update(max_tokens=args.max_tokens, batch_wait_ms=args.batch_wait_ms, lscpu_model_name=lscpu_model(),
                   prompt="<ImageHere>Describe the image. + img1.png (data URL), greedy, streamed")
