@@ -91,7 +91,8 @@ def cpu_kind() -> str:
     info = cpu_info()
     vendor = {"GenuineIntel": "intel", "AuthenticAMD": "amd"}.get(str(info.get("vendor")), "cpu")
     words = [w for w in str(info.get("model", "")).lower().replace("(r)", "").replace("(tm)", "").split()
-             if w not in ("intel", "amd", "processor", "cpu", "core")]
+             if w not in ("intel", "amd", "processor", "cpu", "core") and w.replace("-", "").isalnum()
+             and not w.endswith("ghz")]
     isa = "avx512" if "avx512f" in info.get("flags", frozenset()) else "avx2"
     return "-".join([vendor, *words[:2], isa] + (["mkl-default"] if MKL_DEFAULT else []))
 

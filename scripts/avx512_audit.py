@@ -17,12 +17,12 @@ exported symbol before it: on Paddle 3.3.1 that is how ``common::DDim::operator[
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
+import importlib.util
 import re
 import subprocess
 from pathlib import Path
 from typing import Iterator, List
-
-import paddle
 
 LIBRARIES = ("libs/libphi_core.so", "base/libpaddle.so")
 FUNCTION = re.compile(r"^[0-9a-f]+ <(.*)>:$")
@@ -45,15 +45,16 @@ def avx512_functions(library: Path) -> Iterator[str]:
             hit = True
     if hit:
         yield current
-    dump.wait()
+    if dump.wait() != 0:
+        raise RuntimeError(f"objdump failed on {library} (exit {dump.returncode})")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", help="also write the list here")
     args = parser.parse_args()
-    root = Path(paddle.__file__).parent
-    lines: List[str] = [f"# Paddle {paddle.__version__}: functions with AVX-512 instructions"]
+    root = Path(importlib.util.find_spec("paddle").origin).parent  # without importing Paddle
+    lines: List[str] = [f"# Paddle {importlib.metadata.version('paddlepaddle')}: functions with AVX-512 instructions"]
     for name in LIBRARIES:
         found = sorted(set(avx512_functions(root / name)))
         lines += [f"## {name}: {len(found)}", *found]

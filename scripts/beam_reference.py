@@ -78,9 +78,14 @@ def main(tiny_dir: str) -> None:
                 model.generate(inputs_embeds=paddle.to_tensor(embeds[:1]), im_mask=paddle.to_tensor(im_mask[:1]),
                                attention_mask=paddle.to_tensor(mask[:1]), max_new_tokens=3)
             eos.append(int(greedy[0, -1]))
+        elif case["extra_eos"] == "top3":  # the three likeliest first tokens of the first row
+            with paddle.no_grad():
+                logits = model(inputs_embeds=paddle.to_tensor(embeds[:1]), im_mask=paddle.to_tensor(im_mask[:1])).logits
+            eos += [int(i) for i in np.argsort(-logits.numpy()[0, -1])[:3]]
         common = dict(num_beams=case["num_beams"], do_sample=False, max_new_tokens=case["max_new_tokens"],
                       repetition_penalty=case["repetition_penalty"], length_penalty=case["length_penalty"],
-                      eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, attention_mask=torch.from_numpy(mask))
+                      eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, attention_mask=torch.from_numpy(mask),
+                      early_stopping=case.get("early_stopping", False))
         with torch.no_grad():
             if ids is not None:
                 out = standin.generate(input_ids=torch.from_numpy(ids), **common)

@@ -18,6 +18,13 @@ CASES: List[Dict[str, Any]] = [
      "num_beams": 2, "max_new_tokens": 10, "repetition_penalty": 1.005, "length_penalty": 1.0, "extra_eos": "frequent"},
     {"name": "text-4-beams-length-penalty", "prompts": [["Hello, who are you?", None]], "num_beams": 4,
      "max_new_tokens": 10, "repetition_penalty": 1.005, "length_penalty": 2.0, "extra_eos": "frequent"},
+    # the three likeliest first tokens are EOS ids too: more than K of the best 2K candidates end a
+    # hypothesis (transformers then looks at max(2, 1 + #EOS)·K candidates)
+    {"name": "many-eos-2-beams", "prompts": [["<ImageHere>Describe it.", "img1.png"]], "num_beams": 2,
+     "max_new_tokens": 8, "repetition_penalty": 1.005, "length_penalty": 1.0, "extra_eos": "top3"},
+    {"name": "many-eos-early-stopping-never", "prompts": [["<ImageHere>Describe it.", "img1.png"]], "num_beams": 3,
+     "max_new_tokens": 8, "repetition_penalty": 1.005, "length_penalty": 1.5, "extra_eos": "top3",
+     "early_stopping": "never"},
     {"name": "mmbench-like-5-beams", "prompts": [["<ImageHere>Which option? A. cat B. dog", "img1.png"]],
      "num_beams": 5, "max_new_tokens": 5, "repetition_penalty": 1.0, "length_penalty": 1.0, "extra_eos": None},
 ]

@@ -29,7 +29,7 @@ def test_beam_search_equals_transformers(tiny_model, tokenizer, tiny_dir, case):
     common = dict(num_beams=case["num_beams"], do_sample=False, max_new_tokens=case["max_new_tokens"],
                   repetition_penalty=case["repetition_penalty"], length_penalty=case["length_penalty"],
                   eos_token_id=case["eos_token_id"], pad_token_id=tokenizer.pad_token_id,
-                  attention_mask=paddle.to_tensor(mask))
+                  attention_mask=paddle.to_tensor(mask), early_stopping=case.get("early_stopping", False))
     if ids is not None:
         out = tiny_model.generate(input_ids=paddle.to_tensor(ids), **common)
     else:
@@ -56,7 +56,7 @@ def test_chat_with_beams_equals_generate(tiny_model, tokenizer, tiny_dir):
 
 
 def test_hypotheses_keep_the_best_by_length_normalised_score():
-    hyps = BeamHypotheses(num_beams=2, length_penalty=1.0, early_stopping=False)
+    hyps = BeamHypotheses(num_beams=2, length_penalty=1.0, early_stopping=False, max_length=10)
     hyps.add([1, 5, 6], -3.0)  # -1.0
     hyps.add([1, 5], -1.0)  # -0.5
     hyps.add([1, 7, 8, 9], -8.0)  # -2.0: worse than both, not kept
@@ -64,3 +64,10 @@ def test_hypotheses_keep_the_best_by_length_normalised_score():
     assert not hyps.is_done(best_sum_logprobs=-1.0, cur_len=4)  # a live beam could still reach -0.25
     assert hyps.is_done(best_sum_logprobs=-8.0, cur_len=4)  # -2.0 cannot beat the worst kept (-1.0)
     np.testing.assert_allclose(hyps.worst_score, -1.0)
+    never = BeamHypotheses(num_beams=2, length_penalty=1.0, early_stopping="never", max_length=10)
+    never.beams, never.worst_score = list(hyps.beams), hyps.worst_score
+    assert not never.is_done(best_sum_logprobs=-8.0, cur_len=4)  # -8/10 could still beat -1.0
+    with pytest.raises(ValueError, match="early_stopping"):
+        from paddlemix.models.internlm_xcomposer2.beam_search import BeamSettings
+
+        BeamSettings(num_beams=2, max_length=5, eos_token_ids=(2,), pad_token_id=2, early_stopping="sometimes").validate()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 from importlib import metadata
-from typing import Dict, Set
+from typing import Dict, Set, Tuple
 
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
@@ -27,19 +27,20 @@ def _pins(path) -> Dict[str, str]:
     return pins
 
 
-def _reached(name: str, extras=(), seen: Set[str] = None) -> Set[str]:
-    """Installed distributions ``name`` (with ``extras``) needs here, itself included."""
+def _reached(name: str, extras=(), seen: Set[Tuple[str, str]] = None) -> Set[str]:
+    """Installed distributions ``name`` (with ``extras``) needs here, itself included. A package
+    reached again with other extras is walked again for them."""
     seen = set() if seen is None else seen
-    key = canonicalize_name(name)
-    if key in seen:
-        return seen
-    seen.add(key)
-    for text in metadata.distribution(name).requires or []:
-        req = Requirement(text)
-        wanted = [req.marker.evaluate({"extra": e}) for e in (extras or [""])] if req.marker else [True]
-        if any(wanted):
-            _reached(req.name, tuple(req.extras), seen)
-    return seen
+    for extra in extras or ("",):
+        key = (canonicalize_name(name), extra)
+        if key in seen:
+            continue
+        seen.add(key)
+        for text in metadata.distribution(name).requires or []:
+            req = Requirement(text)
+            if req.marker is None or req.marker.evaluate({"extra": extra}):
+                _reached(req.name, tuple(req.extras), seen)
+    return {dist for dist, _ in seen}
 
 
 def test_every_installed_dependency_is_locked_at_its_version():

@@ -35,20 +35,21 @@ def images(tiny_dir):
 
 
 # --- examples/example_chat.py ------------------------------------------------------------------
-def official_example_chat(model, tokenizer, image_path):
-    text = '<ImageHere>Please describe this image in detail.'
+def official_example_chat(model, tokenizer, text, image_path, max_new_tokens):
     image = image_path
     with paddle.no_grad():  # with torch.cuda.amp.autocast(): with torch.no_grad():
         response, _ = model.chat(tokenizer, query=text, image=image, history=[], do_sample=False,
-                                 max_new_tokens=MAX_NEW_TOKENS)
+                                 max_new_tokens=max_new_tokens)
     return response
 
 
-def test_example_chat(loaded, images):
+def test_example_chat_gives_the_official_golden_answer(loaded, tiny_dir, golden_json):
+    """The example's one call, on the query and image the official implementation answered in
+    the fixture (its text is that of the golden run: 16 new tokens)."""
     model, tokenizer = loaded
-    ours, _ = model.chat(tokenizer, "<ImageHere>Please describe this image in detail.", image=images[0],
-                         do_sample=False, max_new_tokens=MAX_NEW_TOKENS)
-    assert official_example_chat(model, tokenizer, images[0]) == ours and ours
+    case = golden_json["chat"]
+    answer = official_example_chat(model, tokenizer, case["query"], str(tiny_dir / "img1.png"), 16)
+    assert answer == golden_json["generate"]["response"] and answer
 
 
 # --- examples/batch_chat.py --------------------------------------------------------------------
@@ -106,6 +107,9 @@ def test_batch_chat_example_equals_our_batch_chat_and_chat(loaded, images):
     mask): the same answers as our ``batch_chat`` and as ``chat`` row by row."""
     model, tokenizer = loaded
     questions = ["Please describe this image in detail.", "What is the text in this images? Answer briefly."]
+    lengths = {model.interleav_wrap_chat(tokenizer, "<ImageHere>" + q, image, [])[1].shape[1]
+               for q, image in zip(questions, images)}
+    assert len(lengths) == 2  # rows of different lengths: the left padding is exercised
     answers, outputs = official_batch_chat(model, tokenizer, images, questions)
     ours = model.batch_chat(tokenizer, ["<ImageHere>" + q for q in questions], images=images, do_sample=False,
                             max_new_tokens=MAX_NEW_TOKENS, meta_instruction=BATCH_META_INSTRUCTION)
@@ -202,6 +206,9 @@ def test_generate_pads_finished_rows_and_streams(loaded, images):
     assert stopped.tolist() == [[tokenizer.bos_token_id, first]]
     with pytest.raises(TypeError, match="unsupported arguments"):
         model.generate(**inputs, im_mask=im_mask, max_new_tokens=2, stopping_criteria=[])
+    # as transformers: a max_length the prompt already reaches still gives one token (with a warning)
+    assert model.generate(**inputs, im_mask=im_mask, max_length=1).tolist() == greedy[:, :2].tolist()
+    assert model.generate(**inputs, im_mask=im_mask, max_new_tokens=0).tolist() == greedy[:, :2].tolist()
 
 
 def test_sampling_with_a_seed_is_reproducible_and_matches_chat(loaded, images):

@@ -8,13 +8,15 @@ reproduces step for step:
   at -1e9), so the first step picks K distinct continuations of one sequence;
 * per step: ``log_softmax`` of the last logits, *then* the repetition penalty on those
   log-probabilities (transformers applies its logits processors to them), plus each beam's
-  running score; the best ``2·K`` of the ``K·V`` candidates of a row are visited in order:
+  running score; the best ``max(2, 1 + #EOS ids)·K`` of the ``K·V`` candidates of a row (enough
+  for K that are not an EOS) are visited in order:
   an end-of-sequence token among the first K closes a hypothesis scored
   ``sum_logprobs / len(hypothesis) ** length_penalty`` (its length counts the sequence before
   the EOS, the prompt or BOS seed included); other tokens extend the next K beams;
 * a row is done once it holds K hypotheses none of the live beams can beat
-  (``early_stopping=False``: best live score ``/ (cur_len + 1) ** length_penalty``), or at
-  ``max_length``; then the live beams join the hypotheses and the best one is returned, with
+  (``early_stopping=False``: best live score ``/ (cur_len + 1) ** length_penalty``; ``"never"``:
+  divided by ``max_length ** length_penalty`` when the penalty is positive; ``True``: as soon as K
+  are held), or at ``max_length``; then the live beams join the hypotheses and the best one is returned, with
   the *first* EOS id appended if it ended early and ``pad_token_id`` after it.
 
 Unlike transformers, the prompt is prefilled once per row and its cache copied to the K beams
@@ -24,7 +26,7 @@ gathering rows.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import List, Optional, Tuple, Union
 
 import numpy as np
 import paddle
@@ -45,7 +47,20 @@ class BeamSettings:
     pad_token_id: int
     repetition_penalty: float = 1.0
     length_penalty: float = 1.0
-    early_stopping: bool = False
+    early_stopping: Union[bool, str] = False  # transformers' values: False, True or "never"
+
+    def validate(self) -> None:
+        if self.early_stopping not in (True, False, "never"):
+            raise ValueError(f'early_stopping must be True, False or "never", got {self.early_stopping!r}')
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
+        if not self.eos_token_ids:
+            raise ValueError("beam search needs an eos_token_id")
+
+    @property
+    def candidates(self) -> int:
+        """Candidates visited per row and step: enough for K beams that are not an EOS."""
+        return max(2, 1 + len(self.eos_token_ids)) * self.num_beams
 
 
 @dataclass
@@ -54,7 +69,8 @@ class BeamHypotheses:
 
     num_beams: int
     length_penalty: float
-    early_stopping: bool
+    early_stopping: Union[bool, str]
+    max_length: int
     beams: List[Tuple[float, List[int]]] = field(default_factory=list)
     worst_score: float = 1e9
 
@@ -72,9 +88,10 @@ class BeamHypotheses:
     def is_done(self, best_sum_logprobs: float, cur_len: int) -> bool:
         if len(self.beams) < self.num_beams:
             return False
-        if self.early_stopping:
+        if self.early_stopping is True:
             return True
-        return self.worst_score >= best_sum_logprobs / cur_len ** self.length_penalty
+        length = self.max_length if self.early_stopping == "never" and self.length_penalty > 0 else cur_len
+        return self.worst_score >= best_sum_logprobs / length ** self.length_penalty
 
     def best(self) -> List[int]:
         return max(self.beams, key=lambda item: item[0])[1]
@@ -89,14 +106,14 @@ class _Scorer:
 
     def __init__(self, batch: int, settings: BeamSettings) -> None:
         self.settings = settings
-        self.hyps = [BeamHypotheses(settings.num_beams, settings.length_penalty, settings.early_stopping)
-                     for _ in range(batch)]
+        self.hyps = [BeamHypotheses(settings.num_beams, settings.length_penalty, settings.early_stopping,
+                                    settings.max_length) for _ in range(batch)]
         self.done = [False] * batch
 
     def process(self, sequences: np.ndarray, scores: np.ndarray, tokens: np.ndarray,
                 origins: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``scores``/``tokens``/``origins`` ``[B, 2K]`` best candidates (beam within the row) →
-        next beam scores, tokens and source rows ``[B·K]``."""
+        """``scores``/``tokens``/``origins`` ``[B, candidates]`` best candidates (beam within the
+        row) → next beam scores, tokens and source rows ``[B·K]``."""
         k, eos = self.settings.num_beams, set(self.settings.eos_token_ids)
         cur_len = sequences.shape[1] + 1
         batch = len(self.hyps)
@@ -107,7 +124,7 @@ class _Scorer:
             if self.done[b]:
                 continue  # padded: score 0, pad token, row 0 (as transformers)
             filled = 0
-            for rank in range(2 * k):
+            for rank in range(tokens.shape[1]):
                 token, score, row = int(tokens[b, rank]), float(scores[b, rank]), b * k + int(origins[b, rank])
                 if token in eos:
                     if rank < k:
@@ -146,6 +163,7 @@ def beam_search(model, inputs_embeds: paddle.Tensor, prefix: np.ndarray, setting
 
     ``inputs_embeds`` ``[B, L, H]`` is the prompt, ``attention_mask`` ``[B, L]`` its left padding
     (positions then count real tokens only, as in :func:`~.generation.generate_tokens`)."""
+    settings.validate()
     k = settings.num_beams
     b, t = inputs_embeds.shape[:2]
     cfg = model.config
@@ -192,7 +210,8 @@ def _step(scorer: _Scorer, logits: paddle.Tensor, sequences: np.ndarray, beam_sc
     scores = apply_repetition_penalty(scores, paddle.to_tensor(sequences), settings.repetition_penalty)
     scores = scores + paddle.to_tensor(beam_scores)[:, None]
     vocab = scores.shape[-1]
-    top_scores, top_ids = paddle.topk(scores.reshape([-1, k * vocab]), 2 * k, axis=1, largest=True, sorted=True)
+    top_scores, top_ids = paddle.topk(scores.reshape([-1, k * vocab]), settings.candidates, axis=1, largest=True,
+                                      sorted=True)
     top_ids = top_ids.numpy()
     new_scores, new_tokens, rows = scorer.process(sequences, top_scores.numpy(), top_ids % vocab, top_ids // vocab)
     return rows, new_tokens, new_scores

@@ -12,7 +12,6 @@ from typing import Any, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import paddle
 
-from .beam_search import BeamSettings, beam_search
 from .generation import GenerationSettings, generate_tokens, seeded, seen_ids
 from .processor import DEFAULT_META_INSTRUCTION, Layout, InternLMXComposer2Processor
 from .tokenizer import IM_END_TOKEN
@@ -167,21 +166,17 @@ class ChatMixin:
 
     def _beam_chat(self, tokenizer, query, image, history, meta_instruction, settings, num_beams, length_penalty,
                    streamer) -> List[int]:
-        """The new ids of a beam-search answer (transformers' ``beam_search``, see :mod:`.beam_search`)."""
-        if settings["do_sample"]:
-            raise ValueError("num_beams > 1 with do_sample=True (beam sampling) is not supported; pass "
-                             "do_sample=False for beam search")
-        if streamer is not None:
-            raise ValueError("a streamer cannot be used with beam search; set num_beams=1")
+        """The new ids of a beam-search answer (``generate``'s beam search, see :mod:`.beam_search`)."""
         checked = self._settings(tokenizer, **settings)
         layout, embeds, im_mask = self._chat_inputs(tokenizer, query, as_image_list(image), check_history(history),
                                                     meta_instruction)
         prefix = self._official_prefix(tokenizer, layout)
-        beams = BeamSettings(num_beams=num_beams, max_length=len(prefix) + checked.max_new_tokens,
-                             eos_token_ids=checked.eos_token_ids, pad_token_id=checked.pad_token_id,
-                             repetition_penalty=checked.repetition_penalty, length_penalty=length_penalty)
-        return beam_search(self, embeds, np.asarray([prefix], dtype=np.int64), beams, im_mask=im_mask)[0][
-            len(prefix):].tolist()
+        opts = dict(do_sample=checked.do_sample, num_beams=num_beams, repetition_penalty=checked.repetition_penalty,
+                    length_penalty=length_penalty, early_stopping=False)
+        ids = self._generate_beams(embeds, np.asarray([prefix], dtype=np.int64), opts,
+                                   len(prefix) + checked.max_new_tokens, checked.eos_token_ids, checked.pad_token_id,
+                                   im_mask=im_mask, streamer=streamer)
+        return ids[0][len(prefix):].tolist()
 
     def stream_chat(self, tokenizer, query: str, history: Optional[History] = None, max_new_tokens: int = 1024,
                     do_sample: bool = True, temperature: float = 0.8, top_p: float = 0.8, *, image: Any = None,

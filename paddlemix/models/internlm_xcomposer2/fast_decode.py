@@ -58,7 +58,9 @@ def _plain(layer: paddle.nn.Layer) -> bool:
 
 
 class DecodePlan:
-    """The decoder's weights, head layout, norm epsilons and norm kernel, read once per generation."""
+    """The decoder's weights, head layout, norm epsilons and norm kernel, read once per generation
+    (a cache serves one generation; the plain norm's ``weight·sqrt(H)`` is a copy, so a cache kept
+    across a weight update would decode with the old norm weights: start a new cache)."""
 
     def __init__(self, layers: Sequence[paddle.nn.Layer], final_norm: paddle.nn.Layer) -> None:
         attention = layers[0]._sub_layers["attention"]

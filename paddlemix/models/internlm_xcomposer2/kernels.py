@@ -77,11 +77,12 @@ def fused_kernels_on_cpu() -> bool:
 
 
 def use_fused_norm(x: paddle.Tensor) -> bool:
-    """Fused RMSNorm for ``x``: always on a GPU, on a CPU only with AVX-512."""
+    """Fused RMSNorm for ``x``: always on a GPU; on a CPU only with AVX-512, and for float32 (the only
+    dtype of its CPU kernel); on other devices never."""
     place = x.place
     if place.is_gpu_place():
         return True
-    return place.is_cpu_place() and fused_kernels_on_cpu()
+    return place.is_cpu_place() and x.dtype == paddle.float32 and fused_kernels_on_cpu()
 
 
 def norm_weight_for(weight: paddle.Tensor) -> paddle.Tensor:
@@ -95,8 +96,8 @@ def plain_rms_norm(x: paddle.Tensor, weight: paddle.Tensor, eps: float,
 
     ``norm`` computes ``x / sqrt(Σx² + e)``; with ``e = H·eps`` that is
     ``x / sqrt(mean(x²) + eps) / sqrt(H)``. For float32 the ``sqrt(H)`` rides on the weight
-    (``scaled_weight``, :func:`norm_weight_for`, derived here if not given): two kernels
-    instead of the textbook formula's six, within 2e-6 of it (measured against float64).
+    (``scaled_weight``, :func:`norm_weight_for`; derived here, one more kernel, if not given):
+    two kernels instead of the textbook formula's six, within 2e-6 of it (measured against float64).
     Other dtypes follow the official order: normalise in float32, cast, then multiply by
     the weight."""
     h = x if x.dtype == paddle.float32 else _C_ops.cast(x, paddle.float32)

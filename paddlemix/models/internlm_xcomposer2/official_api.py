@@ -11,31 +11,36 @@ loop of :mod:`.generation`; ``num_beams > 1`` runs :mod:`.beam_search`.
 """
 from __future__ import annotations
 
+import functools
+import logging
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import paddle
 
 from .beam_search import BeamSettings, beam_search
-from .generation import GenerationSettings, generate_tokens, seeded
+from .chat import as_image_list, check_history
+from .generation import HF_DEFAULT_TOP_K, GenerationSettings, generate_tokens, seeded
 from .image_processing import InternLMXComposer2ImageProcessor
 from .processor import DEFAULT_META_INSTRUCTION, InternLMXComposer2Processor
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["OfficialAPIMixin", "VisProcessor"]
 
 History = Sequence[Tuple[str, str]]
 # transformers' GenerationConfig defaults (the checkpoint's generation_config.json sets only the
 # token ids and max_length, which come from the model config here)
-HF_DEFAULTS = dict(do_sample=False, temperature=1.0, top_p=1.0, top_k=50, repetition_penalty=1.0, num_beams=1,
-                   length_penalty=1.0, early_stopping=False)
+HF_DEFAULTS = dict(do_sample=False, temperature=1.0, top_p=1.0, top_k=HF_DEFAULT_TOP_K, repetition_penalty=1.0,
+                   num_beams=1, length_penalty=1.0, early_stopping=False)
 
 
 class VisProcessor:
     """``model.vis_processor``: one image (PIL image, path, URL or bytes) → normalised pixels
     ``[3, S, S]`` float32, as the official torchvision pipeline (resize, to tensor, normalise)."""
 
-    def __init__(self, img_size: int) -> None:
-        self.image_processor = InternLMXComposer2ImageProcessor(img_size=img_size)
+    def __init__(self, image_processor: InternLMXComposer2ImageProcessor) -> None:
+        self.image_processor = image_processor
 
     def __call__(self, image: Any) -> paddle.Tensor:
         return paddle.to_tensor(self.image_processor(image, return_tensors="np")["pixel_values"][0])
@@ -50,9 +55,9 @@ def _as_list(ids: Union[None, int, Iterable[int]]) -> List[int]:
 class OfficialAPIMixin:
     """Methods of :class:`InternLMXComposer2ForCausalLM` with the official names and arguments."""
 
-    @property
+    @functools.cached_property
     def vis_processor(self) -> VisProcessor:
-        return VisProcessor(self.config.img_size)
+        return VisProcessor(InternLMXComposer2ImageProcessor.from_model_config(self.config))
 
     @property
     def max_length(self) -> int:
@@ -81,8 +86,6 @@ class OfficialAPIMixin:
         ``[n, P, H]`` as ``encode_img`` returns them (officially the only form), or ``None``; pixel
         tensors and image files are accepted too. ``history`` and ``meta_instruction`` may be
         omitted (the official function requires them)."""
-        from .chat import as_image_list, check_history
-
         _, embeds, im_mask = self._chat_inputs(tokenizer, query, as_image_list(image), check_history(history),
                                                meta_instruction)
         if im_mask is None:
@@ -106,6 +109,8 @@ class OfficialAPIMixin:
             raise TypeError(f"generate() got unsupported arguments {unknown}; supported besides the inputs: "
                             f"{sorted(HF_DEFAULTS)}, max_new_tokens, max_length, eos/pad/bos_token_id, streamer, seed")
         opts = {**HF_DEFAULTS, **{k: v for k, v in options.items() if v is not None}}
+        if "top_k" in options and options["top_k"] is None:  # as transformers: an explicit None disables top-k
+            opts["top_k"] = 0
         cfg = self.config
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
@@ -118,12 +123,13 @@ class OfficialAPIMixin:
         pad = pad_token_id if pad_token_id is not None else (cfg.pad_token_id if cfg.pad_token_id is not None
                                                               else eos[0])
         total = prefix.shape[1] + max_new_tokens if max_new_tokens is not None else (max_length or cfg.max_length)
-        if total <= prefix.shape[1]:
-            raise ValueError(f"nothing to generate: the prompt has {prefix.shape[1]} ids and max_length is {total}; "
-                             "pass max_new_tokens")
+        if total <= prefix.shape[1]:  # transformers warns and still generates one token
+            logger.warning("the prompt has %d ids and max_length is %d: generating one token; pass max_new_tokens",
+                           prefix.shape[1], total)
+            total = prefix.shape[1] + 1
         if opts["num_beams"] > 1:
-            return self._generate_beams(inputs_embeds, prefix, opts, total, eos, pad, im_mask, attention_mask,
-                                        streamer)
+            return paddle.to_tensor(self._generate_beams(inputs_embeds, prefix, opts, total, eos, pad, im_mask,
+                                                         attention_mask, streamer))
         settings = GenerationSettings(max_new_tokens=total - prefix.shape[1], do_sample=opts["do_sample"],
                                       temperature=opts["temperature"], top_p=opts["top_p"], top_k=opts["top_k"],
                                       repetition_penalty=opts["repetition_penalty"], eos_token_ids=tuple(eos),
@@ -141,19 +147,16 @@ class OfficialAPIMixin:
             streamer.end()
         return paddle.to_tensor(np.concatenate([prefix, np.stack(steps, axis=1)], axis=1))
 
-    def _generate_beams(self, inputs_embeds, prefix, opts, total, eos, pad, im_mask, attention_mask,
-                        streamer) -> paddle.Tensor:
+    def _generate_beams(self, inputs_embeds: paddle.Tensor, prefix: np.ndarray, opts: Dict[str, Any], total: int,
+                        eos: Sequence[int], pad: int, im_mask: Optional[paddle.Tensor] = None,
+                        attention_mask: Optional[paddle.Tensor] = None, streamer: Any = None) -> np.ndarray:
+        """Beam search's ids ``[B, T]`` (``prefix`` + new tokens); shared by ``generate`` and ``chat``."""
         if opts["do_sample"]:
             raise ValueError("num_beams > 1 with do_sample=True (beam sampling) is not supported; pass "
                              "do_sample=False for beam search, or num_beams=1 to sample")
         if streamer is not None:  # as transformers
             raise ValueError("a streamer cannot be used with beam search; set num_beams=1")
-        if not eos:
-            raise ValueError("beam search needs an eos_token_id")
         settings = BeamSettings(num_beams=int(opts["num_beams"]), max_length=total, eos_token_ids=tuple(eos),
                                 pad_token_id=pad, repetition_penalty=opts["repetition_penalty"],
-                                length_penalty=opts["length_penalty"], early_stopping=bool(opts["early_stopping"]))
-        if not settings.repetition_penalty > 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {settings.repetition_penalty!r}")
-        return paddle.to_tensor(beam_search(self, inputs_embeds, prefix, settings, im_mask=im_mask,
-                                            attention_mask=attention_mask))
+                                length_penalty=opts["length_penalty"], early_stopping=opts["early_stopping"])
+        return beam_search(self, inputs_embeds, prefix, settings, im_mask=im_mask, attention_mask=attention_mask)
