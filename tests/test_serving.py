@@ -278,6 +278,19 @@ def test_extra_body_parameters_reach_generation(server, client, reference):
                                                             temperature=0.7, top_p=0.9, top_k=5, seed=3)[0]
 
 
+def test_beam_search_equals_chat_with_beams(server, client, reference, images):
+    model, tokenizer = reference
+    query = "<ImageHere>" + QUESTION
+    want = model.chat(tokenizer, query, image=[images["img1"]], do_sample=False, num_beams=3, max_new_tokens=8)[0]
+    messages = [{"role": "user", "content": [image_part(data_url(images["img1"])), text_part(QUESTION)]}]
+    reply = ask(client, server, messages, max_tokens=8, temperature=0, extra_body={"num_beams": 3})
+    assert reply.choices[0].message.content == want
+    assert reply.usage.completion_tokens <= 8
+    text, _ = streamed(client, server, messages, max_tokens=8, temperature=0, extra_body={"num_beams": 3})
+    assert text == want
+    assert want != expected(reference, query, image=[images["img1"]], max_new_tokens=8)  # beams do change it
+
+
 def test_stop_string_cuts_the_answer(server, client, reference):
     messages = [{"role": "user", "content": "Hello there"}]
     full = expected(reference, "Hello there", max_new_tokens=16)
@@ -376,6 +389,7 @@ def test_unknown_model_is_404(server, client):
     ({"extra_body": {"top_k": -1}}, "top_k"), ({"extra_body": {"repetition_penalty": 0}}, "repetition_penalty"),
     ({"extra_body": {"do_sample": True}, "temperature": 0}, "temperature"),
     ({"extra_body": {"num_gpus": 2}}, "num_gpus"),
+    ({"extra_body": {"num_beams": 3}}, "num_beams"), ({"extra_body": {"num_beams": 0}, "temperature": 0}, "num_beams"),
     ({"stream_options": {"include_usage": True}}, "stream_options"),
     ({"max_tokens": 40_000}, "max_tokens"),
 ])

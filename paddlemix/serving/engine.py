@@ -249,6 +249,9 @@ class Engine:
         if not jobs:
             return
         self._count_batch(jobs)
+        if jobs[0].sampling.num_beams > 1:  # alone in its batch (batch_key)
+            self._run_beams(jobs[0])
+            return
         if len(rows) == 1:  # exactly chat()'s inputs: no padding, no attention mask
             embeds, im_mask, attention_mask = rows[0][1], rows[0][2], None
         else:
@@ -270,6 +273,25 @@ class Engine:
         for row in states:
             if row.active:  # the generator ended (every row reached EOS or max_new_tokens)
                 self._finish(row, "length", outbox)
+        deliver(outbox)
+
+    def _run_beams(self, job: Job) -> None:
+        """A beam search (the official ``chat(num_beams=k)``): the answer is known only at the end,
+        so a stream gets it in one piece."""
+        conv, tok = job.conversation, self.tokenizer
+        settings = job.sampling.generation_kwargs(job.sampling.max_tokens)
+        started = time.perf_counter()
+        ids = self.model._beam_chat(tok, conv.query, job.images, conv.history, conv.meta_instruction, settings,
+                                    job.sampling.num_beams, 1.0, None)
+        with self._cond:
+            self.stats.prefill_seconds += time.perf_counter() - started
+        row, outbox = _Row(job, tok, set(self.model._settings(tok).eos_token_ids)), []
+        reason = None
+        for token in ids:
+            reason = row.feed(token, time.perf_counter(), outbox)
+            if reason is not None:
+                break
+        self._finish(row, reason or "length", outbox)
         deliver(outbox)
 
     def _decode(self, steps, states: List[_Row], held: Optional[List[Tuple[Job, Finished]]]) -> None:

@@ -28,6 +28,7 @@ OFFICIAL_DEFAULTS = dict(max_tokens=1024, do_sample=True, temperature=1.0, top_p
                          repetition_penalty=1.005)
 MAX_TEMPERATURE = 2.0  # OpenAI's documented range is [0, 2]
 MAX_STOP_STRINGS = 4  # as OpenAI
+MAX_BEAMS = 8  # the official demo's slider goes to 5
 SEED_LIMIT = 2**63
 SYSTEM_ROLES = ("system", "developer")  # "developer" is OpenAI's newer name for the system message
 # Fields OpenAI clients may send that this server accepts only at the value that changes nothing.
@@ -41,7 +42,7 @@ NEUTRAL_VALUES: Dict[str, Tuple[Any, ...]] = {
 }
 ACCEPTED_FIELDS = {
     "model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop", "n",
-    "stream", "stream_options", "top_k", "repetition_penalty", "do_sample",
+    "stream", "stream_options", "top_k", "repetition_penalty", "do_sample", "num_beams",
     "user", "metadata",  # identifiers for the caller's own bookkeeping; they do not affect the answer
 }
 
@@ -58,14 +59,15 @@ class SamplingParams:
     repetition_penalty: float = OFFICIAL_DEFAULTS["repetition_penalty"]
     seed: Optional[int] = None
     stop: List[str] = field(default_factory=list)
+    num_beams: int = 1  # > 1: the official chat's beam search (greedy only, as there)
 
     def batch_key(self, request_id: str) -> Tuple[Any, ...]:
         """Requests with equal keys can share one batched generation: ``generate_tokens``
         applies one setting to the whole batch, and rows stop individually (so ``max_tokens``
         and ``stop`` may differ). A seeded request gets a key of its own, so its draws are
-        exactly those of ``chat(..., seed=...)``."""
-        if self.seed is not None:
-            return ("seeded", request_id)
+        exactly those of ``chat(..., seed=...)``; so does a beam search."""
+        if self.seed is not None or self.num_beams > 1:
+            return ("alone", request_id)
         if not self.do_sample:
             return ("greedy", self.repetition_penalty)
         return ("sample", self.temperature, self.top_p, self.top_k, self.repetition_penalty)
@@ -209,12 +211,16 @@ def _sampling(body: Dict[str, Any]) -> SamplingParams:
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
         raise bad_request(f"top_k must be a non-negative integer (0 disables it), got {top_k!r}", "top_k")
     seed = _number(body, "seed", None, -SEED_LIMIT, SEED_LIMIT - 1, integer=True)
+    num_beams = _number(body, "num_beams", 1, 1, MAX_BEAMS, integer=True)
+    if num_beams > 1 and do_sample:
+        raise bad_request("num_beams > 1 is beam search, which does not sample: send temperature 0 or do_sample "
+                          "false with it (as the official chat)", "num_beams")
     return SamplingParams(
         max_tokens=_max_tokens(body), do_sample=do_sample, temperature=float(temperature),
         top_p=float(_number(body, "top_p", OFFICIAL_DEFAULTS["top_p"], 0, 1, low_open=True)), top_k=top_k,
         repetition_penalty=float(_number(body, "repetition_penalty", OFFICIAL_DEFAULTS["repetition_penalty"], 0,
                                          math.inf, low_open=True)),
-        seed=seed, stop=_stop(body.get("stop")))
+        seed=seed, stop=_stop(body.get("stop")), num_beams=num_beams)
 
 
 def _check_fields(body: Dict[str, Any]) -> None:
