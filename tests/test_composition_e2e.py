@@ -95,7 +95,7 @@ def test_whole_article_then_the_cache(trained, photos, tmp_path):
     link = re.search(r"\]\(([^ )]+)", markdown).group(1)
     assert (out.parent / unquote(link)).read_bytes() == Path(article.slots[0].path).read_bytes()
 
-    again = compose(model, tokenizer, "What colour is the circle?", **kwargs)
+    again = model.compose(tokenizer, "What colour is the circle?", **kwargs)  # the method, as users call it
     assert (again.library["encoded"], again.library["cache_hits"]) == (0, 10)  # nothing encoded again
     assert again.text == article.text and again.slots == article.slots  # greedy: the same article
     changed = sorted(photos.rglob("*.png"))[3]

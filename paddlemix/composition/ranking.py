@@ -75,13 +75,6 @@ def _plan(tokenizer: Any, captions: Sequence[str], prompt: RankingPrompt, image_
     return _Plan(prefill, [full[shared:] for full in fulls], [s - shared for s in starts])
 
 
-def _rewind(cache: KVCache, length: int) -> None:
-    """Forget every position after ``length`` (later writes overwrite them; the causal mask of
-    the next forward hides them until then)."""
-    cache.length = length
-    cache.step_mask = None
-
-
 def _batch_scores(model: Any, image_embeds: paddle.Tensor, plan: _Plan) -> np.ndarray:
     """``[C, B]`` scores of every caption for a batch of images ``[B, P, H]``."""
     cfg, b = model.config, int(image_embeds.shape[0])
@@ -98,7 +91,7 @@ def _batch_scores(model: Any, image_embeds: paddle.Tensor, plan: _Plan) -> np.nd
         if len(rest) > 1:
             feed = paddle.to_tensor([rest[:-1]] * b, dtype="int64")
             more = model(input_ids=feed, past_key_values=cache, logits_to_keep=len(rest) - 1).logits
-            _rewind(cache, len(plan.prefill))
+            cache.truncate(len(plan.prefill))
             logits = paddle.concat([last, more], axis=1)
         scores[c] = _token_logprobs(logits.astype("float32").numpy(), rest)[:, skip:].mean(axis=-1)
     return scores

@@ -100,6 +100,14 @@ class KVCache:
         """Called once per forward, after every layer wrote ``new_tokens`` positions."""
         self.length += new_tokens
 
+    def truncate(self, length: int) -> None:
+        """Forget the positions after ``length`` (one prefix reused for several continuations):
+        later writes overwrite them and the causal mask hides them until then."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} positions to {length}")
+        self.length = length
+        self.step_mask = None
+
     def select_rows(self, rows: paddle.Tensor) -> None:
         """Keep only batch rows ``rows`` (e.g. to drop finished sequences)."""
         for store in (self.keys, self.values):

@@ -141,6 +141,18 @@ class InternLMXComposer2ForCausalLM(ChatMixin, OfficialAPIMixin, InternLMXCompos
         flat = paddle.scatter(embeds.reshape([-1, embeds.shape[-1]]), rows, feats, overwrite=True)
         return flat.reshape(embeds.shape)
 
+    def compose(self, tokenizer, instruction: str, images: Any = None, library: Any = None,
+                num_images: Union[str, int] = "auto", **kwargs: Any):
+        """Write an illustrated article for ``instruction``: the official composition demo's pipeline
+        (article, where images go, captions, the model's choice among candidates), offline. ``images``:
+        your own image paths (at most 10), placed where the model chooses; ``library``: a folder whose
+        images are ranked for each caption by the model (features cached by file content). Returns a
+        ``paddlemix.composition.Article``; other keywords as ``paddlemix.composition.compose``
+        (``seed``, ``do_sample``, ``max_new_tokens``, ``on_text``, ``cache_dir``, ...)."""
+        from paddlemix.composition import compose  # on first use: the model package never imports it at load
+
+        return compose(self, tokenizer, instruction, images=images, library=library, num_images=num_images, **kwargs)
+
     # --- forward -----------------------------------------------------------------------------
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.tok_embeddings
