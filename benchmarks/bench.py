@@ -62,6 +62,7 @@ os.environ.setdefault("GLOG_minloglevel", "2")
 MKL_DEFAULT = "--mkl-default" in sys.argv
 if MKL_DEFAULT:
     os.environ["IXC2_CPU_TUNING"] = "0"
+PLAIN_KERNELS = "--plain-kernels" in sys.argv  # the kernels an AVX2-only CPU takes, on this CPU
 
 from paddlemix.cpu_env import configure_cpu_environment, cpu_info  # noqa: E402  (no Paddle import)
 
@@ -76,6 +77,10 @@ import psutil  # noqa: E402
 import paddle  # noqa: E402
 
 paddle.base.core.set_num_threads(THREADS)
+if PLAIN_KERNELS:
+    from paddlemix.models.internlm_xcomposer2.kernels import set_fused_kernels_on_cpu  # noqa: E402
+
+    set_fused_kernels_on_cpu(False)
 
 import paddlenlp  # noqa: E402
 
@@ -94,7 +99,8 @@ def cpu_kind() -> str:
              if w not in ("intel", "amd", "processor", "cpu", "core") and w.replace("-", "").isalnum()
              and not w.endswith("ghz")]
     isa = "avx512" if "avx512f" in info.get("flags", frozenset()) else "avx2"
-    return "-".join([vendor, *words[:2], isa] + (["mkl-default"] if MKL_DEFAULT else []))
+    return "-".join([vendor, *words[:2], isa] + (["mkl-default"] if MKL_DEFAULT else [])
+                    + (["plain-kernels"] if PLAIN_KERNELS else []))
 
 
 RESULTS = os.path.join(HERE, "results", cpu_kind())
@@ -895,6 +901,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--batch", type=int, choices=[1, 4], default=1)
     parser.add_argument("--mkl-default", action="store_true",
                         help="measure without the CPU-vendor settings of paddlemix/cpu_env.py (read before Paddle loads)")
+    parser.add_argument("--plain-kernels", action="store_true",
+                        help="force the plain (non-fused) CPU kernels an AVX2-only CPU takes")
     parser.add_argument("--idle-wait", type=float, default=2.0,
                         help="before each run, wait up to this many seconds for the machine to be idle (default 2)")
     args = parser.parse_args(argv)
@@ -935,7 +943,8 @@ def run_all(args) -> None:
     per process: a process that has just run a 6 GB training step decodes the overhead model
     ~25 % slower (measured: heap state), so one shared process would skew the later figures."""
     t0 = time.perf_counter()
-    common = ["--threads", str(THREADS), "--idle-wait", str(args.idle_wait)] + (["--mkl-default"] if MKL_DEFAULT else [])
+    common = (["--threads", str(THREADS), "--idle-wait", str(args.idle_wait)] + (["--mkl-default"] if MKL_DEFAULT else [])
+              + (["--plain-kernels"] if PLAIN_KERNELS else []))
     runs = ["--runs", str(args.runs)]
     jobs = [
         ("bandwidth", ["bandwidth", *runs]),
