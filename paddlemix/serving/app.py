@@ -163,7 +163,9 @@ def _metrics(engine: Engine) -> str:
 
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
-    async def api_error(_: Request, err: APIError) -> JSONResponse:
+    async def api_error(request: Request, err: APIError) -> JSONResponse:
+        # the one log line of a refused request (refusals never quote the prompt)
+        logger.info("%s %s refused (%d %s): %s", request.method, request.url.path, err.status, err.code, err.message)
         return JSONResponse(err.body(), status_code=err.status)
 
     @app.exception_handler(StarletteHTTPException)
