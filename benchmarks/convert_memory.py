@@ -126,7 +126,7 @@ def _hwm() -> int:
 def child(kind: str, src: str, dst: str, shard_mb: int) -> None:
     import paddle  # noqa: F401  (the baseline includes the framework)
     from paddlemix.models.internlm_xcomposer2 import InternLMXComposer2ForCausalLM
-    from paddlemix.models.internlm_xcomposer2.checkpoint import convert_checkpoint
+    from paddlemix.models.internlm_xcomposer2.convert import convert_checkpoint
 
     base = _hwm()
     start = time.perf_counter()

@@ -226,7 +226,7 @@ def test_position_table_resized_on_load(tiny_dir, tmp_path, golden):
 @pytest.mark.parametrize("source", ["ixc2-tiny", "ixc2-tiny-paddlemix"])
 def test_offline_conversion_round_trip(source, tiny_model_dir, tmp_path, golden):
     """convert_checkpoint (streamed, sharded) gives a directory that loads to the same numbers."""
-    from paddlemix.models.internlm_xcomposer2.checkpoint import convert_checkpoint
+    from paddlemix.models.internlm_xcomposer2.convert import convert_checkpoint
 
     src = tiny_model_dir if source == "ixc2-tiny" else SHARED / "fixtures" / source
     files = convert_checkpoint(str(src), str(tmp_path / "out"), max_shard_bytes=3_000_000)

@@ -29,7 +29,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     add_logging_args(parser)
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
-    from paddlemix.models.internlm_xcomposer2.checkpoint import convert_checkpoint
+    from paddlemix.models.internlm_xcomposer2.convert import convert_checkpoint
 
     files = convert_checkpoint(args.src, args.dst, args.dtype, int(args.max_shard_size_gb * 1024**3))
     print(f"wrote {len(files)} weight file(s) and config.json to {args.dst}")

@@ -21,19 +21,15 @@ from typing import List, Literal, Optional, Sequence
 import requests
 from paddlenlp.utils.download import bos_aistudio_hf_try_to_load_from_cache, resolve_file_path
 
-from .checkpoint import CONFIG_NAME, WEIGHT_FILE_NAMES
-from .tokenizer import VOCAB_FILE_NAMES
+from .files import CONFIG_NAME, INDEX_SUFFIX, SPECIAL_TOKENS_MAP, TOKENIZER_CONFIG, VOCAB_FILE_NAMES, WEIGHT_FILE_NAMES
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["ModelDownloadError", "resolve_pretrained", "is_repo_id"]
 
 Purpose = Literal["model", "tokenizer", "processor"]
-INDEX_SUFFIX = ".index.json"
 # Same preference as checkpoint.find_weight_files, so the set that gets downloaded is the set the loader would pick.
 WEIGHT_CANDIDATES = [n for name in WEIGHT_FILE_NAMES for n in (name + INDEX_SUFFIX, name)]
-TOKENIZER_CONFIG = "tokenizer_config.json"
-SPECIAL_TOKENS_MAP = "special_tokens_map.json"
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
 

@@ -18,8 +18,11 @@ import paddle.nn.functional as F
 from paddlenlp.transformers import PretrainedModel
 from paddlenlp.transformers.model_outputs import CausalLMOutputWithPast
 
+from . import checkpoint
 from .chat import ChatMixin
 from .configuration import InternLMXComposer2Config
+from .hub import resolve_pretrained
+from .image_processing import InternLMXComposer2ImageProcessor
 from .internlm2 import InternLM2Model
 from .kv_cache import KVCache
 from .official_api import OfficialAPIMixin
@@ -103,8 +106,6 @@ class InternLMXComposer2ForCausalLM(ChatMixin, OfficialAPIMixin, InternLMXCompos
         if image is None:
             return None
         if not isinstance(image, paddle.Tensor):
-            from .image_processing import InternLMXComposer2ImageProcessor
-
             processor = InternLMXComposer2ImageProcessor(img_size=self.config.img_size)
             image = paddle.to_tensor(processor(image, return_tensors="np")["pixel_values"])
         if image.ndim == 3:
@@ -248,9 +249,6 @@ class InternLMXComposer2ForCausalLM(ChatMixin, OfficialAPIMixin, InternLMXCompos
         ``dtype``: ``"float32"`` (default), ``"bfloat16"`` or ``"float16"``; weights are
         cast while loading. ``config`` replaces the directory's ``config.json``.
         """
-        from . import checkpoint
-        from .hub import resolve_pretrained
-
         directory = resolve_pretrained(pretrained_model_name_or_path, purpose="model", from_aistudio=from_aistudio,
                                        from_hf_hub=from_hf_hub, cache_dir=cache_dir, subfolder=subfolder)
         config = config if config is not None else checkpoint.load_config(directory)
@@ -269,7 +267,5 @@ class InternLMXComposer2ForCausalLM(ChatMixin, OfficialAPIMixin, InternLMXCompos
         written to a temporary sibling directory first and then renamed into place file by
         file, so no final name ever holds a partial file; weight files of another format
         left from an earlier save are removed so a reload cannot pick a stale one."""
-        from . import checkpoint
-
         checkpoint.save_atomically(lambda tmp: super(InternLMXComposer2ForCausalLM, self).save_pretrained(
             tmp, *args, **kwargs), save_dir, is_main_process=kwargs.get("is_main_process", True))

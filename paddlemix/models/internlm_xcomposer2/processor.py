@@ -19,6 +19,8 @@ from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .checkpoint import load_config
+from .hub import resolve_pretrained
 from .image_processing import InternLMXComposer2ImageProcessor
 from .tokenizer import IM_END_TOKEN, IM_START_TOKEN, InternLMXComposer2Tokenizer
 
@@ -145,9 +147,6 @@ class InternLMXComposer2Processor:
         The image size and token count come from the model config (``config``, else the checkpoint's
         ``config.json``); only that and the tokenizer files are fetched, never the weights.
         """
-        from .checkpoint import load_config
-        from .hub import resolve_pretrained
-
         directory = resolve_pretrained(name_or_path, purpose="tokenizer" if config is not None else "processor",
                                        from_aistudio=from_aistudio, from_hf_hub=from_hf_hub, cache_dir=cache_dir,
                                        subfolder=subfolder)

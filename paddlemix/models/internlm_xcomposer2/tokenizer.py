@@ -17,14 +17,15 @@ import sentencepiece as spm
 from paddlenlp.transformers import PretrainedTokenizer
 from paddlenlp.transformers.tokenizer_utils_base import to_py_obj
 
+from .files import VOCAB_FILE_NAMES
+from .hub import resolve_pretrained
+
 if TYPE_CHECKING:
     import numpy as np
     import paddle
 
 logger = logging.getLogger(__name__)
 
-#: Vocabulary file names, in lookup order: official Hugging Face layout, then the PaddleMIX layout.
-VOCAB_FILE_NAMES = ("tokenizer.model", "sentencepiece.bpe.model")
 #: Chat-format markers; ordinary SentencePiece pieces (their ids come from the model, see the properties).
 IM_START_TOKEN = "[UNUSED_TOKEN_146]"
 IM_END_TOKEN = "[UNUSED_TOKEN_145]"
@@ -106,8 +107,6 @@ class InternLMXComposer2Tokenizer(PretrainedTokenizer):
         ``vocab_file``. Downloads go through our resolver rather than PaddleNLP's, which would look for
         ``tokenizer.model`` only and fail offline with a less helpful error.
         """
-        from .hub import resolve_pretrained
-
         path = Path(resolve_pretrained(pretrained_model_name_or_path, purpose="tokenizer", from_aistudio=from_aistudio,
                                        from_hf_hub=from_hf_hub, cache_dir=cache_dir,
                                        subfolder=kwargs.pop("subfolder", None)))
