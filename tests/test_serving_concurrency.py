@@ -178,3 +178,21 @@ def test_mid_stream_failure_sends_an_error_chunk_then_done(server, monkeypatch):
     reply = make_client(server, timeout=60).chat.completions.create(model=server["name"], messages=body["messages"],
                                                                     max_tokens=3, temperature=0)
     assert reply.choices[0].message.content is not None  # the server goes on serving
+
+
+def test_stopping_fails_waiting_requests_with_503(server):
+    from paddlemix.serving.channels import Failed, SyncChannel
+    from paddlemix.serving.engine import Engine, Job
+    from paddlemix.serving.errors import APIError
+    from paddlemix.serving.protocol import parse_chat_request
+
+    engine = Engine(server["model"], server["tokenizer"])  # never started: requests stay waiting
+    chat = parse_chat_request({"model": "m", "messages": [{"role": "user", "content": "Hi"}]})
+    job = Job(engine.new_id(), chat.conversation, [], chat.sampling, 10, SyncChannel())
+    engine.submit(job)
+    engine.stop()
+    event = job.channel.get(timeout=5)
+    assert isinstance(event, Failed) and event.error.status == 503
+    with pytest.raises(APIError) as info:
+        engine.submit(Job(engine.new_id(), chat.conversation, [], chat.sampling, 10, SyncChannel()))
+    assert info.value.status == 503

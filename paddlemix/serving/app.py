@@ -103,23 +103,26 @@ class _Handlers:
 
     async def completion(self, request: Request, job: Job) -> Response:
         """Wait for the whole answer, cancelling the row if the client goes away meanwhile."""
-        while True:
-            try:
-                event = await asyncio.wait_for(job.channel.get(), DISCONNECT_POLL)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    self.engine.cancel(job)
-                    return Response(status_code=499)
-                continue
-            if isinstance(event, Failed):
-                raise event.error
-            if isinstance(event, Finished):
-                return JSONResponse({
-                    "id": job.id, "object": "chat.completion", "created": int(time.time()),
-                    "model": self.config.model_name,
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": event.content},
-                                 "logprobs": None, "finish_reason": event.finish_reason}],
-                    "usage": event.usage()})
+        try:
+            while True:
+                try:
+                    event = await asyncio.wait_for(job.channel.get(), DISCONNECT_POLL)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        return Response(status_code=499)  # nobody to answer (the finally cancels the row)
+                    continue
+                if isinstance(event, Failed):
+                    raise event.error
+                if isinstance(event, Finished):
+                    return JSONResponse({
+                        "id": job.id, "object": "chat.completion", "created": int(time.time()),
+                        "model": self.config.model_name,
+                        "choices": [{"index": 0, "message": {"role": "assistant", "content": event.content},
+                                     "logprobs": None, "finish_reason": event.finish_reason}],
+                        "usage": event.usage()})
+        finally:  # disconnected, or the handler itself cancelled (server shutting down)
+            if not job.done:
+                self.engine.cancel(job)
 
     async def chunks(self, chat: ChatRequest, job: Job) -> AsyncIterator[str]:
         """SSE lines: a role delta, content deltas, one finish_reason, [usage], [DONE]."""

@@ -40,6 +40,10 @@ __all__ = ["Engine", "EngineStats", "Job"]
 DEFAULT_BATCH_WAIT = 0.02  # seconds the oldest request waits for companions before its batch starts
 
 
+def _shutting_down() -> APIError:
+    return APIError(503, "the server is shutting down", type="server_error", code="unavailable")
+
+
 @dataclass
 class Job:
     """One request on its way through the engine."""
@@ -125,11 +129,14 @@ class Engine:
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
+        """Stop the worker: running rows are cancelled, waiting requests fail with 503."""
         with self._cond:
             self._stopping = True
             for job in self._running:
                 job.cancelled = True
+            waiting, self._waiting = list(self._waiting), collections.deque()
             self._cond.notify_all()
+        self._fail(waiting, _shutting_down())
         if self._thread is not None:
             self._thread.join(timeout)
 
@@ -174,7 +181,7 @@ class Engine:
         """Queue ``job``; a full queue refuses it at once (429)."""
         with self._cond:
             if self._stopping:
-                raise APIError(503, "the server is shutting down", type="server_error", code="unavailable")
+                raise _shutting_down()
             if len(self._waiting) >= self.max_queue:
                 raise APIError.queue_full(self.max_queue)
             self._waiting.append(job)
