@@ -4,7 +4,7 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 HERE = Path(__file__).parent
-SERVE = ["fastapi>=0.100", "uvicorn>=0.20", "gradio>=5"]  # the OpenAI-compatible server and the web demo
+SERVE = ["fastapi>=0.100", "uvicorn>=0.20", "gradio>=5", "openai>=1.30"]  # the server, the web demo (--api_base)
 
 setup(
     name="paddlemix-ixc2",
@@ -40,7 +40,7 @@ setup(
     extras_require={
         "cpu": ["paddlepaddle>=3.1"],
         "serve": SERVE,
-        "test": ["pytest>=8", "openai>=1.30", "gradio_client>=1.0", "playwright>=1.40", *SERVE],
+        "test": ["pytest>=8", "gradio_client>=1.0", "playwright>=1.40", "httpx", *SERVE],
     },
     entry_points={
         "console_scripts": [
