@@ -156,3 +156,21 @@ def test_missing_vocab_file(tmp_path: Path) -> None:
     assert str(tmp_path) in message and "tokenizer.model" in message and "sentencepiece.bpe.model" in message
     with pytest.raises(FileNotFoundError, match="tokenizer.model"):
         InternLMXComposer2Tokenizer.from_pretrained(tmp_path / "absent")
+
+
+def test_fast_decode_equals_paddlenlps(tiny_dir, golden_json):
+    """The hoisted ``_decode`` gives PaddleNLP's text for every golden case and for random id
+    sequences full of special ids, the chat markers and byte pieces, with every flag."""
+    import random
+
+    from paddlenlp.transformers import PretrainedTokenizer
+
+    tokenizer = InternLMXComposer2Tokenizer.from_pretrained(str(tiny_dir))
+    rng = random.Random(0)
+    pool = [0, 1, 2, tokenizer.im_start_id, tokenizer.im_end_id, *range(3, 300), *range(60000, 60100)]
+    sequences = [case["input_ids"] for case in golden_json["tokenizer"]]
+    sequences += [[rng.choice(pool) for _ in range(rng.randint(0, 40))] for _ in range(200)]
+    for ids in sequences:
+        for skip in (False, True):
+            for clean in (False, True):
+                assert tokenizer._decode(ids, skip, clean) == PretrainedTokenizer._decode(tokenizer, ids, skip, clean)
