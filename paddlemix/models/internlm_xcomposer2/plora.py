@@ -86,6 +86,9 @@ class PLoRALinear(nn.Layer):
             y = y + self.bias
         return add_plora_branch(self, x, y, image_rows)
 
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, lora_scaling={self.lora_scaling}"
+
 
 def add_plora_branch(layer: nn.Layer, x: paddle.Tensor, y: paddle.Tensor, image_rows: Optional[ImageRows]) -> paddle.Tensor:
     """``y`` plus ``layer``'s PLoRA branch on the image rows of ``x`` (``res[im_mask] += ...``)."""
@@ -104,6 +107,3 @@ def add_plora_branch(layer: nn.Layer, x: paddle.Tensor, y: paddle.Tensor, image_
     else:  # inference: add in place (8x faster than building a new tensor)
         flat_y.index_add_(image_rows.index, 0, lora.astype(y.dtype))
     return flat_y.reshape(y.shape)
-
-    def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, lora_scaling={self.lora_scaling}"
