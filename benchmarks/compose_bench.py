@@ -12,7 +12,7 @@ Figures (each: ``--runs`` timed runs after one warm-up; median/min/max):
 * library encoding: images/s of a cold open (no cache), seconds of a warm one (everything cached),
   and the speed-up of warm over cold.
 
-Writes ``benchmarks/results/compose.json`` (with the CPU model, threads and versions)::
+Writes ``benchmarks/results/<cpu kind>/compose.json`` (with the CPU model, threads and versions)::
 
     python benchmarks/compose_bench.py                 # the figures (several minutes)
     python benchmarks/compose_bench.py --quick         # a short check that it all runs (< 1 min)
