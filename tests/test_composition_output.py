@@ -100,3 +100,9 @@ def test_text_only_article_has_no_images_folder(tmp_path):
     out = tmp_path / "a.md"
     save_article(Article("x", "p1\np2", ["p1", "p2"]), out)
     assert out.read_text(encoding="utf-8") == "p1\n\np2\n" and not (tmp_path / "images").exists()
+
+
+def test_an_out_name_the_html_or_json_would_overwrite_is_refused(article, tmp_path):
+    with pytest.raises(ValueError, match="would overwrite the Markdown"):
+        save_article(article, tmp_path / "article.html", html_page=True)
+    assert not (tmp_path / "article.html").exists()

@@ -196,3 +196,82 @@ def test_stopping_fails_waiting_requests_with_503(server):
     with pytest.raises(APIError) as info:
         engine.submit(Job(engine.new_id(), chat.conversation, [], chat.sampling, 10, SyncChannel()))
     assert info.value.status == 503
+
+
+def engine_job(engine: Any, max_tokens: int, stream: bool = False, text: str = "Hi") -> Any:
+    from paddlemix.serving.channels import SyncChannel
+    from paddlemix.serving.engine import Job
+    from paddlemix.serving.protocol import parse_chat_request
+
+    chat = parse_chat_request({"model": "m", "messages": [{"role": "user", "content": text}],
+                               "max_tokens": max_tokens, "temperature": 0})
+    return Job(engine.new_id(), chat.conversation, [], chat.sampling, 10, SyncChannel(), stream=stream)
+
+
+def last_event(job: Any, timeout: float = 60.0) -> Any:
+    """The job's final event (``Finished`` or ``Failed``), skipping streamed deltas."""
+    from paddlemix.serving.channels import TextDelta
+
+    while True:
+        event = job.channel.get(timeout=timeout)
+        if not isinstance(event, TextDelta):
+            return event
+
+
+def test_cancelling_the_request_a_batch_waits_for_keeps_the_worker_serving(server):
+    from paddlemix.serving.channels import Finished
+    from paddlemix.serving.engine import Engine
+
+    engine = Engine(server["model"], server["tokenizer"], batch_wait=1.0).start()
+    try:
+        first = engine_job(engine, 3)
+        engine.submit(first)
+        time.sleep(0.3)  # the worker now waits up to batch_wait for rows to join `first`
+        engine.cancel(first)
+        time.sleep(1.0)  # past the wait: the worker finds its batch empty
+        assert engine.alive
+        later = engine_job(engine, 3)
+        engine.submit(later)
+        assert isinstance(last_event(later, timeout=30), Finished)
+    finally:
+        engine.stop()
+
+
+def test_stopping_answers_running_rows_with_503(server):
+    from paddlemix.serving.channels import Failed, TextDelta
+    from paddlemix.serving.engine import Engine
+
+    engine = Engine(server["model"], server["tokenizer"], batch_wait=0.0).start()
+    job = engine_job(engine, LONG, stream=True)
+    engine.submit(job)
+    assert isinstance(job.channel.get(timeout=60), TextDelta)  # it runs
+    engine.stop()
+    event = last_event(job, timeout=30)
+    assert isinstance(event, Failed) and event.error.status == 503
+
+
+def test_a_row_that_finished_gets_its_answer_when_a_later_row_of_the_step_fails(server, monkeypatch):
+    from paddlemix.serving import engine as engine_module
+    from paddlemix.serving.channels import Failed, Finished
+
+    engine = engine_module.Engine(server["model"], server["tokenizer"], batch_wait=2.0).start()
+    short, long = engine_job(engine, 2), engine_job(engine, LONG, text="Hello")
+    real_feed = engine_module._Row.feed
+
+    def feed(row: Any, *args: Any) -> Any:
+        if row.job is long and short.done:  # in the very step where `short` finished
+            raise RuntimeError("row failure")
+        return real_feed(row, *args)
+
+    monkeypatch.setattr(engine_module._Row, "feed", feed)
+    batches: List[int] = []
+    engine.on_batch = lambda jobs: batches.append(len(jobs))
+    try:
+        engine.submit(short)
+        engine.submit(long)
+        done, failed = last_event(short), last_event(long)
+        assert batches == [2]
+        assert isinstance(done, Finished) and done.completion_tokens == 2
+        assert isinstance(failed, Failed) and "row failure" in failed.error.message
+    finally:
+        engine.stop()

@@ -84,10 +84,11 @@ def shown(text: str) -> str:
     return inspect.cleandoc(text)
 
 
-def expected(reference, query: str, images: List[Path], history=None, max_tokens: int = GREEDY["max_tokens"]) -> str:
+def expected(reference, query: str, images: List[Path], history=None, max_tokens: int = GREEDY["max_tokens"],
+             **kwargs: Any) -> str:
     model, tokenizer = reference
     return model.chat(tokenizer, query, image=[str(p) for p in images] or None, history=history, do_sample=False,
-                      max_new_tokens=max_tokens, meta_instruction="")[0]
+                      max_new_tokens=max_tokens, meta_instruction="", **kwargs)[0]
 
 
 def test_several_images_and_multi_turn_equal_model_chat(page_url, reference, tiny_dir):
@@ -122,10 +123,14 @@ def test_answers_stream_in_and_regenerate_and_clear(page_url, reference):
         client.predict(*controls(), api_name="/regenerate")
 
 
+def test_beams_override_the_sampling_box_as_the_slider_says(page_url, reference):
+    client = client_for(page_url)  # "Beam size (greedy only)": beams > 1 search greedily, box ticked or not
+    chatbot, _ = client.predict(message("Hi"), *controls(max_tokens=6, num_beams=3, do_sample=True), api_name="/chat")
+    assert answers(chatbot) == [shown(expected(reference, "Hi", [], max_tokens=6, num_beams=3))]
+
+
 def test_refusals_are_shown_and_the_turn_is_not_kept(page_url):
     client = client_for(page_url)
-    with pytest.raises(Exception, match="beam search, which does not sample"):
-        client.predict(message("Hi"), *controls(num_beams=3, do_sample=True), api_name="/chat")
     with pytest.raises(Exception, match="Type a question"):
         client.predict(message(""), *controls(), api_name="/chat")
     chatbot, _ = client.predict(message("Hi"), *controls(max_tokens=3), api_name="/chat")
@@ -133,7 +138,7 @@ def test_refusals_are_shown_and_the_turn_is_not_kept(page_url):
 
 
 def test_api_base_mode_talks_to_a_running_server(tiny_model_dir, tiny_dir, reference, no_proxy):
-    from paddlemix.serving.web_backends import OpenAIBackend
+    from paddlemix.serving.web_backends import ChatError, OpenAIBackend
 
     with running_server(tiny_model_dir, tiny_dir) as server:
         backend = OpenAIBackend(server["url"] + "/v1", API_KEY)
@@ -143,8 +148,10 @@ def test_api_base_mode_talks_to_a_running_server(tiny_model_dir, tiny_dir, refer
             img1 = tiny_dir / "img1.png"
             chatbot, _ = client.predict(message("What is it?", img1), *controls(), api_name="/chat")
             assert answers(chatbot) == [shown(expected(reference, "<ImageHere>What is it?", [img1]))]
-            with pytest.raises(Exception, match="beam search"):
-                client.predict(message("Hi"), *controls(num_beams=2, do_sample=True), api_name="/chat")
+            with pytest.raises(Exception, match="Type a question"):  # the page's own refusal, in this mode too
+                client.predict(message(""), *controls(), api_name="/chat")
+        with pytest.raises(ChatError, match="beam search"):  # the server's 400, as the page shows it
+            list(backend.stream([{"role": "user", "content": "Hi"}], {"num_beams": 2, "do_sample": True}))
     with pytest.raises(ValueError, match="cannot list the models"):
         OpenAIBackend(server["url"] + "/v1", API_KEY)  # the server is gone
 

@@ -129,7 +129,7 @@ class Engine:
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop the worker: running rows are cancelled, waiting requests fail with 503."""
+        """Stop the worker: running rows stop at their next step; they and waiting requests fail with 503."""
         with self._cond:
             self._stopping = True
             for job in self._running:
@@ -215,25 +215,32 @@ class Engine:
                     self._running = []
 
     def _next_batch(self) -> List[Job]:
+        """The oldest waiting request and those that may share its batch; ``[]`` only when stopping."""
         with self._cond:
-            while not self._waiting and not self._stopping:
-                self._cond.wait()
-            if self._stopping:
-                return []
-            first = self._waiting[0]
-            key = first.sampling.batch_key(first.id)
             while True:
-                batch = [job for job in self._waiting if job.sampling.batch_key(job.id) == key][: self.max_batch_size]
-                wait = first.enqueued + self.batch_wait - time.perf_counter()
-                if len(batch) >= self.max_batch_size or first.sampling.seed is not None or wait <= 0:
-                    break
-                self._cond.wait(wait)
+                while not self._waiting and not self._stopping:
+                    self._cond.wait()
                 if self._stopping:
                     return []
+                batch = self._gather(self._waiting[0])
+                if batch:
+                    break
             for job in batch:
                 self._waiting.remove(job)
             self._running = batch
             return batch
+
+    def _gather(self, first: Job) -> List[Job]:
+        """Wait up to ``batch_wait`` after ``first`` arrived for rows to join it (lock held); ``[]``
+        if ``first`` was cancelled meanwhile or the engine is stopping, so the caller picks again."""
+        key = first.sampling.batch_key(first.id)
+        while first in self._waiting and not self._stopping:
+            batch = [job for job in self._waiting if job.sampling.batch_key(job.id) == key][: self.max_batch_size]
+            wait = first.enqueued + self.batch_wait - time.perf_counter()
+            if len(batch) >= self.max_batch_size or first.sampling.seed is not None or wait <= 0:
+                return batch
+            self._cond.wait(wait)
+        return []
 
     def _prefill_inputs(self, jobs: List[Job]):
         """Per-row ``(layout, embeds, im_mask)``; a row the model refuses fails alone."""
@@ -250,6 +257,9 @@ class Engine:
 
     def _run_batch(self, jobs: List[Job]) -> None:
         model, tok = self.model, self.tokenizer
+        if self._stopping:  # stop() came between leaving the queue and here
+            self._fail(jobs, _shutting_down())
+            return
         for job in jobs:
             job.done = job.done or job.cancelled  # cancelled between leaving the queue and here
         rows, jobs = self._prefill_inputs([job for job in jobs if not job.cancelled])
@@ -269,13 +279,15 @@ class Engine:
         # A seeded generation restores the global RNG state when it ends: its answer is held until
         # then, so that whoever receives it cannot start drawing numbers before the restore.
         held: Optional[List[Tuple[Job, Finished]]] = [] if settings.seed is not None else None
-        with seeded(settings.seed):
-            steps = generate_tokens(model, embeds, settings, seen, im_mask=im_mask, attention_mask=attention_mask)
-            try:
-                self._decode(steps, states, held)
-            finally:
-                steps.close()  # stops the work of rows nobody waits for
-        deliver([(job.channel, event) for job, event in held or []])
+        try:
+            with seeded(settings.seed):
+                steps = generate_tokens(model, embeds, settings, seen, im_mask=im_mask, attention_mask=attention_mask)
+                try:
+                    self._decode(steps, states, held)
+                finally:
+                    steps.close()  # stops the work of rows nobody waits for
+        finally:  # rows that finished get their answer even if a later step failed (the others fail)
+            deliver([(job.channel, event) for job, event in held or []])
         outbox: List[Tuple[Channel, Event]] = []
         for row in states:
             if row.active:  # the generator ended (every row reached EOS or max_new_tokens)
@@ -326,17 +338,22 @@ class Engine:
     def _step(self, states: List[_Row], tokens: List[int], now: float,
               held: Optional[List[Tuple[Job, Finished]]]) -> None:
         outbox: List[Tuple[Channel, Event]] = []
-        for row, token in zip(states, tokens):
-            if not row.active:
-                continue
-            if row.job.cancelled:
-                row.active = False
-                row.job.done = True
-                continue
-            reason = row.feed(token, now, outbox)
-            if reason is not None:
-                self._finish(row, reason, outbox, held)
-        deliver(outbox)
+        try:
+            for row, token in zip(states, tokens):
+                if not row.active:
+                    continue
+                if row.job.cancelled:
+                    row.active = False
+                    if self._stopping:  # cancelled by stop(): the client still waits for an answer
+                        self._fail([row.job], _shutting_down())
+                    else:  # the client went away
+                        row.job.done = True
+                    continue
+                reason = row.feed(token, now, outbox)
+                if reason is not None:
+                    self._finish(row, reason, outbox, held)
+        finally:  # what finished before a failure in this step is delivered; _fail skips it
+            deliver(outbox)
 
     def _count_batch(self, jobs: List[Job]) -> None:
         with self._cond:

@@ -37,8 +37,9 @@ def request_params(max_tokens: float, num_beams: float, repetition_penalty: floa
     """The controls as OpenAI request fields (the non-standard ones go in the extra body)."""
     params: Dict[str, Any] = dict(max_tokens=int(max_tokens), repetition_penalty=float(repetition_penalty),
                                   do_sample=bool(do_sample), temperature=float(temperature), top_p=float(top_p))
-    if int(num_beams) > 1:
+    if int(num_beams) > 1:  # the slider is labelled "greedy only": beams override the sampling box
         params["num_beams"] = int(num_beams)
+        params["do_sample"] = False
     if seed is not None and int(seed) != RANDOM_SEED:
         params["seed"] = int(seed)
     return params

@@ -11,6 +11,7 @@ import base64
 import logging
 import mimetypes
 import os
+import queue
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 from .channels import Failed, Finished, SyncChannel, TextDelta
@@ -70,7 +71,10 @@ class EngineBackend:
             raise ChatError(err.message) from err
         try:
             while True:
-                event = job.channel.get(timeout=EVENT_TIMEOUT)
+                try:
+                    event = job.channel.get(timeout=EVENT_TIMEOUT)
+                except queue.Empty:  # the finally below cancels the row
+                    raise ChatError(f"no answer within {EVENT_TIMEOUT:.0f} s; the server is overloaded or stuck") from None
                 if isinstance(event, TextDelta):
                     yield event.text
                 elif isinstance(event, Finished):
