@@ -146,9 +146,8 @@ def save_article(article: Article, out: Union[str, Path], html_page: bool = Fals
     ``.json`` suffixes (the JSON holds everything: slots, candidates and their scores, timings).
     Returns the files written."""
     out = Path(out)
-    clashes = [suffix for suffix, wanted in ((".html", html_page), (".json", json_file)) if wanted and out.suffix == suffix]
-    if clashes:
-        raise ValueError(f"{out}: the {clashes[0]} page would overwrite the Markdown; name it e.g. article.md")
+    if (html_page and out.suffix == ".html") or (json_file and out.suffix == ".json"):
+        raise ValueError(f"{out}: the {out.suffix} page would overwrite the Markdown; name it e.g. article.md")
     out.parent.mkdir(parents=True, exist_ok=True)
     links = _copy_images(article, out.parent)
     written = [out]

@@ -74,7 +74,8 @@ class EngineBackend:
                 try:
                     event = job.channel.get(timeout=EVENT_TIMEOUT)
                 except queue.Empty:  # the finally below cancels the row
-                    raise ChatError(f"no answer within {EVENT_TIMEOUT:.0f} s; the server is overloaded or stuck") from None
+                    raise ChatError(f"no answer within {EVENT_TIMEOUT:.0f} s; the server is overloaded or stuck"
+                                    ) from None
                 if isinstance(event, TextDelta):
                     yield event.text
                 elif isinstance(event, Finished):
