@@ -93,15 +93,16 @@ def step_mask(cache: KVCache, batch: int, kv_heads: int, groups: int) -> paddle.
 
 
 def expand_mask(mask: Optional[paddle.Tensor], batch: int, kv_heads: int, groups: int) -> Optional[paddle.Tensor]:
-    """``[1, t, L]`` → the scores' own shape ``[b, nkv, groups·t, L]`` (rows ordered group,
+    """``[1|b, t, L]`` → the scores' own shape ``[b, nkv, groups·t, L]`` (rows ordered group,
     position), once per forward, so every layer adds it without broadcasting (Paddle's CPU
-    broadcast add is ~8x slower) — unless that copy would be large (long training sequences)."""
-    if mask is None or mask.shape[0] != 1:
+    broadcast add is ~8x slower: a left-padded batch of 4 × 405 tokens prefilled 1.3x slower
+    with the broadcast) — unless that copy would be large (long training sequences)."""
+    if mask is None:
         return mask
-    t, total = mask.shape[1], mask.shape[2]
+    rows, t, total = mask.shape
     if batch * kv_heads * groups * t * total > MASK_EXPAND_LIMIT:
         return mask
-    return mask.reshape([1, 1, 1, t, total]).expand([batch, kv_heads, groups, t, total]).reshape(
+    return mask.reshape([rows, 1, 1, t, total]).expand([batch, kv_heads, groups, t, total]).reshape(
         [batch, kv_heads, groups * t, total])
 
 
