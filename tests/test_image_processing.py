@@ -20,6 +20,7 @@ from PIL import Image
 from paddlemix.models.internlm_xcomposer2.image_processing import (
     DEFAULT_MAX_PIXELS,
     ImageLoadError,
+    MAX_REDIRECTS,
     ImageNotFoundError,
     InternLMXComposer2ImageProcessor,
     load_image,
@@ -243,6 +244,12 @@ def http_base(tiny_dir: Path) -> Iterator[str]:
                     self._send(200, "application/octet-stream", b"<html>not an image</html>")
                 elif self.path == "/page":
                     self._send(200, "text/html; charset=utf-8", b"<html><body>hi</body></html>")
+                elif self.path.startswith("/hop/"):  # /hop/N redirects N times, then to the image
+                    left = int(self.path.rsplit("/", 1)[1])
+                    self.send_response(302)
+                    self.send_header("Location", f"/hop/{left - 1}" if left > 1 else "/img1.png")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
                 elif self.path == "/slow":
                     time.sleep(SLOW_SECONDS)
                     self._send(200, "image/png", png)
@@ -273,6 +280,21 @@ def test_url_html_page(http_base: str) -> None:
         load_image(f"{http_base}/page")
     with pytest.raises(ImageLoadError, match=r"/octet.*not an image"):
         load_image(f"{http_base}/octet")
+
+
+def test_url_guard_sees_every_redirect_hop(processor, http_base: str, golden: dict) -> None:
+    seen = []
+    out = processor._to_pixels(load_image(f"{http_base}/hop/2", url_guard=seen.append))
+    np.testing.assert_array_equal(out, _golden(golden, "img1"))  # the redirects were followed
+    assert seen == [f"{http_base}/hop/2", f"{http_base}/hop/1", f"{http_base}/img1.png"]
+
+    def refuse_the_image(url: str) -> None:  # a redirect target is vetted like the first URL
+        if url.endswith("/img1.png"):
+            raise ImageLoadError(f"{url} refused")
+    with pytest.raises(ImageLoadError, match=r"img1.png refused"):
+        load_image(f"{http_base}/hop/1", url_guard=refuse_the_image)
+    with pytest.raises(ImageLoadError, match=rf"redirected more than {MAX_REDIRECTS} times"):
+        load_image(f"{http_base}/hop/{MAX_REDIRECTS + 1}")
 
 
 def test_url_timeout(http_base: str) -> None:

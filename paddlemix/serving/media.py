@@ -5,13 +5,22 @@ package's :func:`load_image`: timeouts, size limits, content checks), ``data:ima
 (decoded here, then handed over as bytes) and, only when the server was started with
 ``--allowed-local-media-path DIR``, a local path or ``file://`` URL inside ``DIR``. Nothing
 is ever replaced by a dummy image: an image that cannot be used refuses the request.
+
+A client's URL is fetched by the server, from inside its network: unless the server was started
+with ``--allow-private-media-urls``, every URL fetched (the given one and each redirect target)
+must name a host whose addresses are all public, so that a request cannot make the server read
+its own loopback services, the cloud metadata address (169.254.169.254) or the private network.
+(The check resolves the name just before the fetch; a DNS answer that changes between the two is
+not caught: a server on a network with sensitive services should also sit behind an egress proxy.)
 """
 from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
 import logging
 import os
+import socket
 from typing import Optional
 from urllib.parse import unquote, urlparse
 
@@ -25,12 +34,37 @@ from .errors import APIError, bad_request
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MediaLoader"]
+__all__ = ["MediaLoader", "refuse_private_hosts"]
 
 DATA_PREFIX = "data:"
 FILE_SCHEME = "file://"
 BASE64_FLAG = "base64"
 IMAGE_MEDIA_TYPE = "image/"
+
+
+def _is_public(address: str) -> bool:
+    ip = ipaddress.ip_address(address.split("%", 1)[0])  # drop an IPv6 zone index
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped  # ::ffff:127.0.0.1 is loopback
+    return ip.is_global and not ip.is_multicast
+
+
+def refuse_private_hosts(url: str) -> None:
+    """Raise :class:`ImageLoadError` unless every address ``url``'s host resolves to is public
+    (not loopback, private, link-local, shared, reserved or multicast)."""
+    parsed = urlparse(url)
+    host = parsed.hostname
+    if not host:
+        raise ImageLoadError(f"{url[:80]!r} names no host")
+    try:
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)}
+    except (OSError, ValueError) as err:  # unknown name, or a malformed port
+        raise ImageLoadError(f"could not resolve the host of {url[:80]!r} ({err}); check the URL") from err
+    private = sorted(a for a in addresses if not _is_public(a))
+    if private:
+        raise ImageLoadError(f"{url[:80]!r} points to a non-public address ({', '.join(private)}); this server "
+                             "fetches only public URLs (start it with --allow-private-media-urls to allow others)")
 
 
 class MediaLoader:
@@ -39,14 +73,18 @@ class MediaLoader:
     ``allowed_local_path``: the directory local paths must lie in (after resolving symlinks
     and ``..``); ``None`` refuses every local path. ``max_pixels``: width × height limit,
     checked from the header before decoding. ``max_bytes``: limit of a data URL's payload.
+    ``allow_private_urls``: fetch http(s) URLs of loopback and private hosts too (a server on a
+    trusted network, or tests); by default they are refused (:func:`refuse_private_hosts`).
     """
 
     def __init__(self, allowed_local_path: Optional[str] = None, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 timeout: float = DEFAULT_TIMEOUT, max_bytes: int = MAX_DOWNLOAD_BYTES) -> None:
+                 timeout: float = DEFAULT_TIMEOUT, max_bytes: int = MAX_DOWNLOAD_BYTES,
+                 allow_private_urls: bool = False) -> None:
         if allowed_local_path is not None and not os.path.isdir(allowed_local_path):
             raise ValueError(f"--allowed-local-media-path {allowed_local_path!r} is not a directory")
         self.allowed_local_path = os.path.realpath(allowed_local_path) if allowed_local_path else None
         self.max_pixels, self.timeout, self.max_bytes = max_pixels, timeout, max_bytes
+        self.url_guard = None if allow_private_urls else refuse_private_hosts
 
     def load(self, url: str, param: str) -> Image.Image:
         """The image at ``url``; ``param`` names the request field in errors."""
@@ -57,7 +95,7 @@ class MediaLoader:
         else:
             source, code = self._local_path(url, param), "invalid_image"
         try:
-            return load_image(source, timeout=self.timeout, max_pixels=self.max_pixels)
+            return load_image(source, timeout=self.timeout, max_pixels=self.max_pixels, url_guard=self.url_guard)
         except ImageLoadError as err:
             raise bad_request(f"{param}: {err}", param, code=code) from err
 

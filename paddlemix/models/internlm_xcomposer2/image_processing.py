@@ -13,7 +13,8 @@ import logging
 import math
 import os
 import warnings
-from typing import Any, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
+from urllib.parse import urljoin
 
 import numpy as np
 import requests
@@ -34,6 +35,7 @@ DOWNLOAD_CHUNK_BYTES = 1024 * 1024
 # JPEG can decode at 1/2, 1/4 or 1/8 scale directly (PIL ``draft``), at a fraction of the memory.
 JPEG_DRAFT_SCALES = (2, 4, 8)
 URL_SCHEMES = ("http://", "https://")
+MAX_REDIRECTS = 5  # hops followed when fetching an image URL (each one passes the url_guard)
 
 DEFAULT_IMG_SIZE = 224  # ``img_size`` of internlm-xcomposer2-7b; the vl-7b config says 490
 # OpenAI CLIP normalisation constants, as hard-coded in the official ``vis_processor``.
@@ -42,6 +44,9 @@ CLIP_IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 UINT8_MAX = 255.0  # torchvision ``ToTensor`` divides uint8 pixels by this
 
 ImageSource = Union[str, os.PathLike, bytes, bytearray, Image.Image]
+# Called with every URL about to be fetched (the first and each redirect target); raises
+# ImageLoadError to refuse it. A server uses it to keep clients away from its private network.
+UrlGuard = Callable[[str], None]
 
 
 class ImageLoadError(ValueError):
@@ -118,25 +123,19 @@ def _decode(fp: Union[str, io.BytesIO], name: str, max_pixels: int) -> Image.Ima
                              "re-download or re-export the image.") from err
 
 
-def _fetch(url: str, timeout: float) -> bytes:
-    """Download ``url`` and return its body, turning every network failure into ImageLoadError."""
+def _fetch(url: str, timeout: float, url_guard: Optional[UrlGuard] = None) -> bytes:
+    """Download ``url`` and return its body, turning every network failure into ImageLoadError.
+    Redirects are followed here, hop by hop, so that ``url_guard`` sees every address fetched."""
     try:
-        with requests.get(url, timeout=timeout, stream=True) as response:
-            if not 200 <= response.status_code < 300:
-                raise ImageLoadError(f"{url!r} returned HTTP {response.status_code} {response.reason}; "
-                                     "check the URL.")
-            content_type = response.headers.get("Content-Type", "")
-            if content_type.lower().startswith("text/"):
-                raise ImageLoadError(f"{url!r} returned {content_type!r}, not an image; it is probably a web "
-                                     "page: use the direct link to the image file.")
-            chunks, total = [], 0
-            for chunk in response.iter_content(DOWNLOAD_CHUNK_BYTES):
-                total += len(chunk)
-                if total > MAX_DOWNLOAD_BYTES:
-                    raise ImageLoadError(f"{url!r} is larger than {MAX_DOWNLOAD_BYTES} bytes; download and "
-                                         "downscale it first.")
-                chunks.append(chunk)
-            return b"".join(chunks)
+        for _ in range(MAX_REDIRECTS + 1):
+            if url_guard is not None:
+                url_guard(url)
+            with requests.get(url, timeout=timeout, stream=True, allow_redirects=False) as response:
+                if response.is_redirect:
+                    url = urljoin(url, response.headers["Location"])
+                    continue
+                return _read_body(url, response)
+        raise ImageLoadError(f"{url!r} redirected more than {MAX_REDIRECTS} times; use the final image URL.")
     except requests.Timeout as err:
         raise ImageLoadError(f"{url!r} timed out after {timeout} s; check the network or raise timeout.") from err
     except requests.RequestException as err:
@@ -144,15 +143,33 @@ def _fetch(url: str, timeout: float) -> bytes:
                              "the network.") from err
 
 
-def load_image(source: ImageSource, *, timeout: float = DEFAULT_TIMEOUT,
-               max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def _read_body(url: str, response: requests.Response) -> bytes:
+    if not 200 <= response.status_code < 300:
+        raise ImageLoadError(f"{url!r} returned HTTP {response.status_code} {response.reason}; check the URL.")
+    content_type = response.headers.get("Content-Type", "")
+    if content_type.lower().startswith("text/"):
+        raise ImageLoadError(f"{url!r} returned {content_type!r}, not an image; it is probably a web "
+                             "page: use the direct link to the image file.")
+    chunks, total = [], 0
+    for chunk in response.iter_content(DOWNLOAD_CHUNK_BYTES):
+        total += len(chunk)
+        if total > MAX_DOWNLOAD_BYTES:
+            raise ImageLoadError(f"{url!r} is larger than {MAX_DOWNLOAD_BYTES} bytes; download and "
+                                 "downscale it first.")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def load_image(source: ImageSource, *, timeout: float = DEFAULT_TIMEOUT, max_pixels: int = DEFAULT_MAX_PIXELS,
+               url_guard: Optional[UrlGuard] = None) -> Image.Image:
     """Load ``source`` as an RGB PIL image, exactly like the reference's ``.convert("RGB")``.
 
     ``source`` is a local path (``str`` or path-like), an ``http(s)://`` URL, raw encoded ``bytes``
     or an already-open ``PIL.Image.Image``. Alpha is dropped by plain conversion, not composited,
     for parity with the official model. Raises :class:`ImageLoadError` (:class:`ImageNotFoundError`
     for a missing path) for anything unusable, including encoded images above ``max_pixels`` (a PIL
-    image is already decoded, so it is only converted). ``timeout`` is per connect/read, in seconds.
+    image is already decoded, so it is only converted). ``timeout`` is per connect/read, in seconds;
+    ``url_guard`` vets each URL fetched (the given one and every redirect target).
     """
     name = _describe(source)
     if isinstance(source, Image.Image):
@@ -167,7 +184,7 @@ def load_image(source: ImageSource, *, timeout: float = DEFAULT_TIMEOUT,
             raise ImageLoadError(f"{name} is empty; pass the encoded image file contents.")
         return _decode(io.BytesIO(bytes(source)), name, max_pixels)
     if isinstance(source, str) and source.lower().startswith(URL_SCHEMES):
-        return _decode(io.BytesIO(_fetch(source, timeout)), name, max_pixels)
+        return _decode(io.BytesIO(_fetch(source, timeout, url_guard)), name, max_pixels)
     if not isinstance(source, (str, os.PathLike)):
         raise ImageLoadError(f"cannot load an image from {type(source).__name__} {name}; pass a path, "
                              "URL, bytes or PIL image.")
