@@ -22,6 +22,7 @@ from conftest import LOOPBACK_NO_PROXY, loopback_server
 
 API_KEY = "test-key"
 MAX_IMAGES = 3
+MAX_BODY_BYTES = 256 * 1024  # the test server's request limit (the fixture's images are a few kB)
 QUESTION = "What shape is in the middle?"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -64,13 +65,16 @@ def image_handler(tiny_dir: Path):
 def running_server(model_dir: Path, media_dir: Path, **kwargs: Any) -> Iterator[Dict[str, Any]]:
     """The server on the fixture checkpoint, in-process on a free loopback port."""
     from paddlemix.serving.media import MediaLoader
-    from paddlemix.serving.runner import ServerThread, build_server, default_model_name, load_model
+    from paddlemix.cli_utils import load_model
+    from paddlemix.serving.runner import ServerThread, build_server, default_model_name
 
     model, tokenizer = load_model(str(model_dir), "float32")
-    options = dict(api_keys=[API_KEY], max_images=MAX_IMAGES, max_batch_size=8, max_queue=8, batch_wait=0.05)
+    options = dict(api_keys=[API_KEY], max_images=MAX_IMAGES, max_batch_size=8, max_queue=8, batch_wait=0.05,
+                   max_body_bytes=MAX_BODY_BYTES)
     options.update(kwargs)
     name = default_model_name(str(model_dir))
-    app, engine = build_server(model, tokenizer, name, media=MediaLoader(str(media_dir)), **options)
+    app, engine = build_server(model, tokenizer, name, media=MediaLoader(str(media_dir), allow_private_urls=True),
+                               **options)
     try:
         with ServerThread(app) as url:
             yield {"url": url, "engine": engine, "name": name, "model": model, "tokenizer": tokenizer}
@@ -100,7 +104,7 @@ def client(server) -> openai.OpenAI:
 @pytest.fixture(scope="module")
 def reference(tiny_model_dir):
     """A second copy of the fixture model for the expected answers (the server's is busy serving)."""
-    from paddlemix.serving.runner import load_model
+    from paddlemix.cli_utils import load_model
 
     return load_model(str(tiny_model_dir), "float32")
 
@@ -343,6 +347,22 @@ def test_bad_image_urls_are_400(server, client, images, path, fragment):
         assert fragment in err["message"] and err["code"] == "invalid_image_url"
 
 
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "10.1.2.3", "192.168.0.1", "169.254.169.254",
+                                  "100.64.0.1", "0.0.0.0", "[::1]", "[::ffff:127.0.0.1]", "[fd00::1]"])
+def test_private_hosts_are_refused_by_default(images, host):
+    """A client must not make the server fetch its own loopback services, the cloud metadata
+    address or the private network (unless the server was started with --allow-private-media-urls)."""
+    from paddlemix.serving.errors import APIError
+    from paddlemix.serving.media import MediaLoader
+
+    port = images["base"].rsplit(":", 1)[1]  # a loopback image server is really listening there
+    with pytest.raises(APIError) as caught:
+        MediaLoader().load(f"http://{host}:{port}/img1.png", "messages[0].content[0].image_url.url")
+    assert caught.value.status == 400 and "non-public address" in caught.value.message
+    assert "--allow-private-media-urls" in caught.value.message
+    assert MediaLoader(allow_private_urls=True).load(images["base"] + "/img1.png", "url").size == (300, 200)
+
+
 def test_unreachable_image_url_is_400(server, client):
     from paddlemix.serving.runner import free_port
 
@@ -429,6 +449,17 @@ def test_api_keys(server):
         assert assert_error(info.value, 401)["code"] == "invalid_api_key"
     assert httpx.get(server["url"] + "/v1/models").status_code == 401
     assert httpx.get(server["url"] + "/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}).status_code == 200
+
+
+def test_a_body_above_the_limit_is_413_before_it_is_read(server):
+    headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+    url, big = server["url"] + "/v1/chat/completions", b"x" * (MAX_BODY_BYTES + 1)
+    declared = httpx.post(url, content=big, headers=headers)  # refused from its Content-Length
+    chunked = httpx.post(url, content=iter([big[:1000], big[1000:]]), headers=headers)  # no length: while it streams
+    for response in (declared, chunked):
+        assert response.status_code == 413, response.text
+        assert response.json()["error"]["code"] == "request_too_large"
+    assert "content-length" not in chunked.request.headers
 
 
 def test_not_json_and_unknown_route(server):

@@ -121,6 +121,33 @@ def test_client_disconnect_stops_a_non_streamed_request(server):
     assert_stopped_early(server, jobs, before)
 
 
+def test_client_gone_before_the_first_chunk_cancels_the_stream(server):
+    """Starlette cancels a response whose client is gone before it ever starts the SSE generator
+    (ASGI before spec 2.4): the job must be cancelled all the same, not left generating."""
+    import asyncio
+
+    from paddlemix.serving.app import ServerConfig, create_app
+    from paddlemix.serving.engine import Engine
+
+    engine = Engine(server["model"], server["tokenizer"])  # not started: the job stays queued, observable
+    app = create_app(engine, ServerConfig(model_name="m"))
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "Hi"}], "stream": True}).encode()
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive() -> Dict[str, Any]:
+        return messages.pop(0) if messages else {"type": "http.disconnect"}  # gone right after sending
+
+    async def send(message: Dict[str, Any]) -> None:
+        pass
+
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
+             "root_path": "", "query_string": b"", "server": ("127.0.0.1", 80), "client": ("127.0.0.1", 5000),
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}
+    asyncio.run(app(scope, receive, send))
+    assert engine.stats.cancelled == 1 and engine.waiting == 0
+
+
 def test_full_queue_answers_429_at_once_and_loses_nothing(server):
     engine = server["engine"]
     client = make_client(server, timeout=120)
@@ -198,13 +225,13 @@ def test_stopping_fails_waiting_requests_with_503(server):
     assert info.value.status == 503
 
 
-def engine_job(engine: Any, max_tokens: int, stream: bool = False, text: str = "Hi") -> Any:
+def engine_job(engine: Any, max_tokens: int, stream: bool = False, text: str = "Hi", **params: Any) -> Any:
     from paddlemix.serving.channels import SyncChannel
     from paddlemix.serving.engine import Job
     from paddlemix.serving.protocol import parse_chat_request
 
     chat = parse_chat_request({"model": "m", "messages": [{"role": "user", "content": text}],
-                               "max_tokens": max_tokens, "temperature": 0})
+                               "max_tokens": max_tokens, "temperature": 0, **params})
     return Job(engine.new_id(), chat.conversation, [], chat.sampling, 10, SyncChannel(), stream=stream)
 
 
@@ -233,6 +260,33 @@ def test_cancelling_the_request_a_batch_waits_for_keeps_the_worker_serving(serve
         later = engine_job(engine, 3)
         engine.submit(later)
         assert isinstance(last_event(later, timeout=30), Finished)
+    finally:
+        engine.stop()
+
+
+@pytest.mark.parametrize("how", ["client leaves", "server stops"])
+def test_a_beam_search_stops_when_its_client_leaves_and_builds_its_prompt_once(server, monkeypatch, how):
+    from paddlemix.serving.channels import Failed
+    from paddlemix.serving.engine import Engine
+
+    model, built = server["model"], []
+    build = model._chat_inputs
+    monkeypatch.setattr(model, "_chat_inputs", lambda *args: built.append(args) or build(*args))
+    engine = Engine(model, server["tokenizer"], batch_wait=0.0).start()
+    try:
+        job = engine_job(engine, LONG, num_beams=2)  # would search for minutes
+        engine.submit(job)
+        wait_until(lambda: engine.stats.batches == 1)
+        time.sleep(0.5)  # searching
+        if how == "client leaves":
+            engine.cancel(job)
+            wait_until(lambda: engine.idle, timeout=10)
+            assert job.done and engine.stats.cancelled == 1 and job.channel.queue.empty()  # nobody to answer
+        else:
+            engine.stop()
+            event = last_event(job, timeout=10)
+            assert isinstance(event, Failed) and event.error.status == 503
+        assert len(built) == 1  # the prompt (ViT, embeddings) was built once, not again for the beams
     finally:
         engine.stop()
 

@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .channels import AsyncChannel, Failed, Finished, TextDelta
 from .engine import Engine, Job
 from .errors import APIError, bad_request, error_body
+from .limits import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_IMAGES
 from .media import MediaLoader
 from .protocol import ChatRequest, parse_chat_request
 
@@ -31,7 +32,6 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["ServerConfig", "create_app"]
 
-DEFAULT_MAX_IMAGES = 8
 DISCONNECT_POLL = 0.1  # seconds between checks whether a non-streaming client is still there
 OWNER = "paddlemix"
 
@@ -43,6 +43,7 @@ class ServerConfig:
     model_name: str
     api_keys: Sequence[str] = ()
     max_images: int = DEFAULT_MAX_IMAGES
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     media: MediaLoader = field(default_factory=MediaLoader)
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -60,6 +61,25 @@ def _check_key(request: Request, keys: Sequence[str]) -> None:
         raise APIError.unauthorized("Missing API key: send the header 'Authorization: Bearer <key>'.")
     if not any(hmac.compare_digest(token.strip().encode(), key.encode()) for key in keys):
         raise APIError.unauthorized("Incorrect API key provided.")
+
+
+def _too_large(limit: int) -> APIError:
+    return APIError(413, f"the request body is larger than this server's limit of {limit} bytes (--max_request_mb); "
+                    "send fewer or smaller images", code="request_too_large")
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, refused as soon as it is known to exceed ``limit`` (from Content-Length, else
+    while it streams in), so that a huge upload is never held in memory."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise _too_large(limit)
+    return bytes(body)
 
 
 async def _load_images(config: ServerConfig, request: ChatRequest) -> List[Any]:
@@ -87,7 +107,7 @@ class _Handlers:
         """Parse, load the images, count the prompt and queue the job (every refusal here is a 4xx)."""
         _check_key(request, self.config.api_keys)
         try:
-            body = json.loads(await request.body())
+            body = json.loads(await _read_body(request, self.config.max_body_bytes))
         except (ValueError, UnicodeDecodeError) as err:
             raise bad_request(f"the request body is not valid JSON ({err})") from err
         chat = parse_chat_request(body)
@@ -154,6 +174,24 @@ class _Handlers:
                 self.engine.cancel(job)
 
 
+class _JobStream(StreamingResponse):
+    """An SSE response that cancels its job however it ends. The generator's own ``finally`` is
+    not enough: a client that disconnects before the first chunk is sent (Starlette then cancels
+    the response before it ever starts the generator) would leave its row generating."""
+
+    def __init__(self, content: AsyncIterator[str], engine: Engine, job: Job) -> None:
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.engine, self.job = engine, job
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            if not self.job.done:
+                self.engine.cancel(self.job)
+
+
 def _metrics(engine: Engine) -> str:
     stats = engine.stats
     lines = [f"ixc2_requests_total {stats.requests}", f"ixc2_requests_cancelled_total {stats.cancelled}",
@@ -208,8 +246,7 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
     async def chat_completions(request: Request) -> Response:
         chat, job = await handlers.admit(request)
         if chat.stream:
-            return StreamingResponse(handlers.chunks(chat, job), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return _JobStream(handlers.chunks(chat, job), engine, job)
         return await handlers.completion(request, job)
 
     return app

@@ -25,19 +25,20 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 from PIL import Image
 
+from paddlemix.models.internlm_xcomposer2.beam_search import SearchStopped
 from paddlemix.models.internlm_xcomposer2.generation import generate_tokens, seeded, seen_ids
 from paddlemix.models.internlm_xcomposer2.processor import InternLMXComposer2Processor
+from paddlemix.models.internlm_xcomposer2.textstream import IncrementalText
 
 from .channels import Channel, Event, Failed, Finished, TextDelta, deliver
 from .errors import APIError, bad_request
+from .limits import DEFAULT_BATCH_WAIT, DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_QUEUE
 from .protocol import Conversation, SamplingParams
-from .textstream import IncrementalText
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["Engine", "EngineStats", "Job"]
 
-DEFAULT_BATCH_WAIT = 0.02  # seconds the oldest request waits for companions before its batch starts
 
 
 def _shutting_down() -> APIError:
@@ -107,7 +108,8 @@ class _Row:
 class Engine:
     """Owns the model; :meth:`submit` jobs from any thread, results arrive on each job's channel."""
 
-    def __init__(self, model: Any, tokenizer: Any, max_batch_size: int = 8, max_queue: int = 64,
+    def __init__(self, model: Any, tokenizer: Any, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+                 max_queue: int = DEFAULT_MAX_QUEUE,
                  batch_wait: float = DEFAULT_BATCH_WAIT) -> None:
         if max_batch_size < 1 or max_queue < 1 or batch_wait < 0:
             raise ValueError("max_batch_size and max_queue must be >= 1 and batch_wait >= 0")
@@ -267,7 +269,7 @@ class Engine:
             return
         self._count_batch(jobs)
         if jobs[0].sampling.num_beams > 1:  # alone in its batch (batch_key)
-            self._run_beams(jobs[0])
+            self._run_beams(jobs[0], rows[0])
             return
         if len(rows) == 1:  # exactly chat()'s inputs: no padding, no attention mask
             embeds, im_mask, attention_mask = rows[0][1], rows[0][2], None
@@ -294,14 +296,21 @@ class Engine:
                 self._finish(row, "length", outbox)
         deliver(outbox)
 
-    def _run_beams(self, job: Job) -> None:
-        """A beam search (the official ``chat(num_beams=k)``): the answer is known only at the end,
-        so a stream gets it in one piece."""
-        conv, tok = job.conversation, self.tokenizer
+    def _run_beams(self, job: Job, inputs: Tuple[Any, Any, Any]) -> None:
+        """A beam search (the official ``chat(num_beams=k)``) on the prompt ``_prefill_inputs`` built:
+        the answer is known only at the end, so a stream gets it in one piece; a client that goes
+        away (or a stopping server) ends the search after the current step."""
+        tok = self.tokenizer
         settings = job.sampling.generation_kwargs(job.sampling.max_tokens)
         started = time.perf_counter()
-        ids = self.model._beam_chat(tok, conv.query, job.images, conv.history, conv.meta_instruction, settings,
-                                    job.sampling.num_beams, 1.0, None)
+        try:
+            ids = self.model._beam_answer(tok, inputs, settings, job.sampling.num_beams, 1.0,
+                                          should_stop=lambda: job.cancelled or self._stopping)
+        except SearchStopped:
+            if self._stopping:  # cancelled by stop(): the client still waits for an answer
+                self._fail([job], _shutting_down())
+            job.done = True  # else the client went away
+            return
         with self._cond:
             self.stats.prefill_seconds += time.perf_counter() - started
         row, outbox = _Row(job, tok, set(self.model._settings(tok).eos_token_ids)), []

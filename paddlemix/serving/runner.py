@@ -1,4 +1,4 @@
-"""Load a checkpoint, build the engine and the app, and run uvicorn (in the foreground, or in a
+"""Build the engine and the app, and run uvicorn (in the foreground, or in a
 background thread for tests, benchmarks and the web demo)."""
 from __future__ import annotations
 
@@ -7,20 +7,20 @@ import os
 import socket
 import threading
 import time
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 import uvicorn
 
-from .app import DEFAULT_MAX_IMAGES, ServerConfig, create_app
-from .engine import DEFAULT_BATCH_WAIT, Engine
+from .app import ServerConfig, create_app
+from .engine import Engine
+from .limits import (DEFAULT_BATCH_WAIT, DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_IMAGES,
+                     DEFAULT_MAX_QUEUE)
 from .media import MediaLoader
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ServerThread", "build_server", "default_model_name", "free_port", "load_model"]
+__all__ = ["ServerThread", "build_server", "default_model_name", "free_port"]
 
-HUB_SOURCES: Dict[str, Dict[str, Any]] = {"paddlenlp": {}, "aistudio": {"from_aistudio": True},
-                                          "huggingface": {"from_hf_hub": True}}
 START_TIMEOUT = 30.0  # seconds uvicorn may take to bind
 
 
@@ -29,28 +29,19 @@ def default_model_name(path_or_id: str) -> str:
     return os.path.basename(os.path.normpath(path_or_id)) or path_or_id
 
 
-def load_model(path_or_id: str, dtype: str, source: str = "paddlenlp", cache_dir: Optional[str] = None) -> Tuple[Any, Any]:
-    """``(model, tokenizer)`` of a local checkpoint or hub id, model in eval mode."""
-    from paddlemix.models.internlm_xcomposer2 import InternLMXComposer2ForCausalLM, InternLMXComposer2Tokenizer
-
-    if source not in HUB_SOURCES:
-        raise ValueError(f"source must be one of {', '.join(HUB_SOURCES)}, got {source!r}")
-    hub = dict(HUB_SOURCES[source], **({"cache_dir": cache_dir} if cache_dir else {}))
-    tokenizer = InternLMXComposer2Tokenizer.from_pretrained(path_or_id, **hub)
-    model = InternLMXComposer2ForCausalLM.from_pretrained(path_or_id, dtype=dtype, **hub)
-    return model.eval(), tokenizer
-
-
-def build_server(model: Any, tokenizer: Any, model_name: str, api_keys: Sequence[str] = (), max_batch_size: int = 8,
-                 max_queue: int = 64, max_images: int = DEFAULT_MAX_IMAGES, batch_wait: float = DEFAULT_BATCH_WAIT,
-                 media: Optional[MediaLoader] = None) -> Tuple[Any, Engine]:
+def build_server(model: Any, tokenizer: Any, model_name: str, api_keys: Sequence[str] = (),
+                 max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, max_queue: int = DEFAULT_MAX_QUEUE, max_images: int = DEFAULT_MAX_IMAGES, batch_wait: float = DEFAULT_BATCH_WAIT,
+                 media: Optional[MediaLoader] = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+                 ) -> Tuple[Any, Engine]:
     """The FastAPI app and its started engine (one model in memory, one worker thread)."""
     if max_images < 0:
         raise ValueError(f"max_images must be >= 0, got {max_images}")
+    if max_body_bytes <= 0:
+        raise ValueError(f"max_body_bytes must be > 0, got {max_body_bytes}")
     engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_queue=max_queue,
                     batch_wait=batch_wait).start()
     config = ServerConfig(model_name=model_name, api_keys=tuple(api_keys), max_images=max_images,
-                          media=media or MediaLoader())
+                          max_body_bytes=max_body_bytes, media=media or MediaLoader())
     return create_app(engine, config), engine
 
 

@@ -17,7 +17,9 @@ import argparse
 import logging
 from typing import List, Optional
 
-from paddlemix.cli_utils import DTYPES, add_logging_args, pick_device, pick_dtype, quiet_native_stderr, run_cli, setup_logging
+from paddlemix.cli_utils import (DTYPES, HUB_SOURCES, add_logging_args, load_model, pick_device, pick_dtype, run_cli,
+                                 setup_logging)
+from paddlemix.serving.limits import DEFAULT_MAX_BATCH_SIZE
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,10 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address of the page (0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--meta_instruction", help="default system prompt (default: the official one; '' for none)")
-    p.add_argument("--max_batch_size", type=int, default=8, help="in-process: visitors decoded together at most")
+    p.add_argument("--max_batch_size", type=int, default=DEFAULT_MAX_BATCH_SIZE, help="in-process: visitors decoded together at most")
     p.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on a GPU, else float32")
     p.add_argument("--device", help="cpu, gpu, gpu:0, ... (default: gpu if available, else cpu)")
-    p.add_argument("--source", choices=("paddlenlp", "aistudio", "huggingface"), default="paddlenlp",
+    p.add_argument("--source", choices=tuple(HUB_SOURCES), default="paddlenlp",
                    help="where to download hub ids from")
     p.add_argument("--cache_dir", help="download cache directory")
     add_logging_args(p)
@@ -55,11 +57,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         backend = OpenAIBackend(args.api_base, args.api_key, args.model_name)
     else:
         from paddlemix.serving.engine import Engine
-        from paddlemix.serving.runner import default_model_name, load_model
+        from paddlemix.serving.runner import default_model_name
 
         dtype = pick_dtype(args.dtype, pick_device(args.device))
-        with quiet_native_stderr(not args.verbose):
-            model, tokenizer = load_model(args.from_pretrained, dtype, args.source, args.cache_dir)
+        model, tokenizer = load_model(args.from_pretrained, dtype, args.source, args.cache_dir, quiet=not args.verbose)
         name = args.model_name or default_model_name(args.from_pretrained)
         backend = EngineBackend(Engine(model, tokenizer, max_batch_size=args.max_batch_size).start(), name)
     print(f"web chat on http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)

@@ -26,7 +26,7 @@ gathering rows.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple, Union
+from typing import Callable, List, Optional, Tuple, Union
 
 import numpy as np
 import paddle
@@ -34,9 +34,13 @@ import paddle
 from .generation import apply_repetition_penalty, real_positions
 from .kv_cache import KVCache
 
-__all__ = ["BeamSettings", "BeamHypotheses", "beam_search", "log_softmax"]
+__all__ = ["BeamSettings", "BeamHypotheses", "SearchStopped", "beam_search", "log_softmax"]
 
 DEAD_BEAM = -1e9  # starting score of beams 1..K-1: transformers' value
+
+
+class SearchStopped(Exception):
+    """``should_stop`` asked the search to end: nobody wants its answer any more."""
 
 
 @dataclass
@@ -156,13 +160,16 @@ class _Scorer:
 
 
 def beam_search(model, inputs_embeds: paddle.Tensor, prefix: np.ndarray, settings: BeamSettings,
-                im_mask: Optional[paddle.Tensor] = None, attention_mask: Optional[paddle.Tensor] = None) -> np.ndarray:
+                im_mask: Optional[paddle.Tensor] = None, attention_mask: Optional[paddle.Tensor] = None,
+                should_stop: Optional[Callable[[], bool]] = None) -> np.ndarray:
     """Best sequence per row, ``[B, T]`` int64: ``prefix`` (what transformers' ``input_ids`` hold
     at the start: the prompt ids, or the BOS seed of an ``inputs_embeds`` prompt; also what the
     repetition penalty starts from) followed by the generated tokens, as described above.
 
     ``inputs_embeds`` ``[B, L, H]`` is the prompt, ``attention_mask`` ``[B, L]`` its left padding
-    (positions then count real tokens only, as in :func:`~.generation.generate_tokens`)."""
+    (positions then count real tokens only, as in :func:`~.generation.generate_tokens`).
+    ``should_stop`` is asked after every step; ``True`` ends the search with :class:`SearchStopped`
+    (a server whose client went away: a beam answer is only known at the end)."""
     settings.validate()
     k = settings.num_beams
     b, t = inputs_embeds.shape[:2]
@@ -185,6 +192,8 @@ def beam_search(model, inputs_embeds: paddle.Tensor, prefix: np.ndarray, setting
             sequences = np.concatenate([sequences[rows], tokens[:, None]], axis=1)
             if all(scorer.done) or sequences.shape[1] >= settings.max_length:
                 return scorer.finalize(sequences, beam_scores)
+            if should_stop is not None and should_stop():
+                raise SearchStopped(f"stopped after {sequences.shape[1] - prefix.shape[1]} steps")
             rows_tensor = paddle.to_tensor(rows)
             cache.select_rows(rows_tensor)
             if attention_mask is not None:

@@ -7,7 +7,7 @@ recomputes the whole sequence at every step).
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import paddle
@@ -167,15 +167,22 @@ class ChatMixin:
     def _beam_chat(self, tokenizer, query, image, history, meta_instruction, settings, num_beams, length_penalty,
                    streamer) -> List[int]:
         """The new ids of a beam-search answer (``generate``'s beam search, see :mod:`.beam_search`)."""
+        inputs = self._chat_inputs(tokenizer, query, as_image_list(image), check_history(history), meta_instruction)
+        return self._beam_answer(tokenizer, inputs, settings, num_beams, length_penalty, streamer)
+
+    def _beam_answer(self, tokenizer, inputs: Tuple[Any, paddle.Tensor, Optional[paddle.Tensor]],
+                     settings: Dict[str, Any], num_beams: int, length_penalty: float, streamer: Any = None,
+                     should_stop: Optional[Callable[[], bool]] = None) -> List[int]:
+        """:meth:`_beam_chat` from the prompt's ``(layout, embeds, im_mask)`` of :meth:`_chat_inputs`
+        (a server that already built them); ``should_stop``: see :func:`~.beam_search.beam_search`."""
+        layout, embeds, im_mask = inputs
         checked = self._settings(tokenizer, **settings)
-        layout, embeds, im_mask = self._chat_inputs(tokenizer, query, as_image_list(image), check_history(history),
-                                                    meta_instruction)
         prefix = self._official_prefix(tokenizer, layout)
         opts = dict(do_sample=checked.do_sample, num_beams=num_beams, repetition_penalty=checked.repetition_penalty,
                     length_penalty=length_penalty, early_stopping=False)
         ids = self._generate_beams(embeds, np.asarray([prefix], dtype=np.int64), opts,
                                    len(prefix) + checked.max_new_tokens, checked.eos_token_ids, checked.pad_token_id,
-                                   im_mask=im_mask, streamer=streamer)
+                                   im_mask=im_mask, streamer=streamer, should_stop=should_stop)
         return ids[0][len(prefix):].tolist()
 
     def stream_chat(self, tokenizer, query: str, history: Optional[History] = None, max_new_tokens: int = 1024,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import paddle
@@ -149,8 +149,10 @@ class OfficialAPIMixin:
 
     def _generate_beams(self, inputs_embeds: paddle.Tensor, prefix: np.ndarray, opts: Dict[str, Any], total: int,
                         eos: Sequence[int], pad: int, im_mask: Optional[paddle.Tensor] = None,
-                        attention_mask: Optional[paddle.Tensor] = None, streamer: Any = None) -> np.ndarray:
-        """Beam search's ids ``[B, T]`` (``prefix`` + new tokens); shared by ``generate`` and ``chat``."""
+                        attention_mask: Optional[paddle.Tensor] = None, streamer: Any = None,
+                        should_stop: Optional[Callable[[], bool]] = None) -> np.ndarray:
+        """Beam search's ids ``[B, T]`` (``prefix`` + new tokens); shared by ``generate`` and ``chat``
+        (``should_stop``: see :func:`~.beam_search.beam_search`)."""
         if opts["do_sample"]:
             raise ValueError("num_beams > 1 with do_sample=True (beam sampling) is not supported; pass "
                              "do_sample=False for beam search, or num_beams=1 to sample")
@@ -159,4 +161,5 @@ class OfficialAPIMixin:
         settings = BeamSettings(num_beams=int(opts["num_beams"]), max_length=total, eos_token_ids=tuple(eos),
                                 pad_token_id=pad, repetition_penalty=opts["repetition_penalty"],
                                 length_penalty=opts["length_penalty"], early_stopping=opts["early_stopping"])
-        return beam_search(self, inputs_embeds, prefix, settings, im_mask=im_mask, attention_mask=attention_mask)
+        return beam_search(self, inputs_embeds, prefix, settings, im_mask=im_mask, attention_mask=attention_mask,
+                           should_stop=should_stop)
