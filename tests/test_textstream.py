@@ -9,7 +9,7 @@ import pytest
 
 from paddlemix.models.internlm_xcomposer2 import InternLMXComposer2Tokenizer
 from paddlemix.models.internlm_xcomposer2.tokenizer import IM_END_TOKEN
-from paddlemix.serving.textstream import CLEANUP_PATTERNS, REPLACEMENT_CHAR, IncrementalText
+from paddlemix.models.internlm_xcomposer2.textstream import CLEANUP_PATTERNS, REPLACEMENT_CHAR, IncrementalText
 
 BYTE_PIECES = range(3, 259)  # <0x00> ... <0xFF>: byte fallback, multi-byte characters span several
 
@@ -100,3 +100,38 @@ def test_end_of_turn_text_is_a_stop(tokenizer):
     ids = tokenizer("Sure", add_special_tokens=False)["input_ids"] + [tokenizer.im_end_id, 300, 301]
     deltas, _, content, text = run(tokenizer, ids)
     assert content == "Sure" == chat_response(tokenizer, ids) and text.stopped
+
+
+def test_plain_decode_mode_joins_to_decode(tokenizer, caplog):
+    """The composition's article stream (``skip_special_tokens=False``): its content is the plain
+    ``decode`` of the ids; without special ids in mid-text every delta only extends it. A special
+    id makes the official decode put a space before the text run it ends (text already shown):
+    the stream then stops extending, says so, and the content is still the decode."""
+    specials = set(tokenizer.all_special_ids)
+    diverged = 0
+    for seed in range(200):
+        rng = random.Random(seed)
+        ids = [i for i in random_ids(rng, tokenizer, rng.randrange(1, 60)) if i != tokenizer.im_end_id]
+        plain = [i for i in ids if i not in specials]
+        for sequence in (ids, plain):
+            text = IncrementalText(tokenizer, skip_special_tokens=False)
+            deltas = [text.push(token) for token in sequence]
+            rest, content = text.finish()
+            assert content == tokenizer.decode(sequence), seed
+            if "".join(deltas) + rest != content:
+                assert sequence is ids and "differs from the final decode" in caplog.text, seed
+                diverged += 1
+    assert diverged > 0  # the random ids do reach the quirk
+
+
+def test_pushing_never_decodes_the_whole_answer(tokenizer, monkeypatch):
+    """A long stream costs one full decode (at the end), not one per token (quadratic)."""
+    calls = []
+    decode = tokenizer.decode
+    monkeypatch.setattr(tokenizer, "decode", lambda *a, **k: calls.append(1) or decode(*a, **k))
+    for skip in (True, False):
+        text = IncrementalText(tokenizer, skip_special_tokens=skip)
+        for token in random_ids(random.Random(1), tokenizer, 300):
+            text.push(token)
+        text.finish()
+    assert len(calls) == 2

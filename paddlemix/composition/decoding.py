@@ -28,10 +28,7 @@ from .prompts import IMAGE_TAG, STOP_TOKEN, TEMPERATURE, TOP_K, TOP_P
 logger = logging.getLogger(__name__)
 
 __all__ = ["StopIds", "stop_ids", "step_settings", "PromptInputs", "prompt_layout", "prompt_inputs",
-           "generate_ids", "TextStream", "seeded"]
-
-REPLACEMENT_CHAR = "\ufffd"  # what decoding shows for an incomplete multi-byte character
-
+           "generate_ids", "seeded"]
 
 @dataclass(frozen=True)
 class StopIds:
@@ -132,27 +129,6 @@ def generate_ids(model: Any, inputs: PromptInputs, settings: GenerationSettings)
     with paddle.no_grad():
         for token, _ in generate_tokens(model, inputs.embeds, settings, seen, im_mask=inputs.im_mask):
             yield int(token[0])
-
-
-class TextStream:
-    """Decode a growing list of ids and hand out only what is new, in whole characters (a
-    decode ending in U+FFFD is half a multi-byte character: wait for its other bytes)."""
-
-    def __init__(self, tokenizer: Any) -> None:
-        self.tokenizer = tokenizer
-        self.ids: List[int] = []
-        self.shown = ""
-
-    def push(self, token: int) -> str:
-        self.ids.append(token)
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith(REPLACEMENT_CHAR) or not text.startswith(self.shown):
-            return ""  # incomplete character, or a re-segmentation: wait for text that extends what is shown
-        new, self.shown = text[len(self.shown):], text
-        return new
-
-    def text(self) -> str:
-        return self.tokenizer.decode(self.ids)
 
 
 @contextlib.contextmanager

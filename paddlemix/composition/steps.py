@@ -23,8 +23,10 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import paddle
 
+from paddlemix.models.internlm_xcomposer2.textstream import IncrementalText
+
 from . import prompts
-from .decoding import PromptInputs, TextStream, generate_ids, prompt_inputs, step_settings, stop_ids
+from .decoding import PromptInputs, generate_ids, prompt_inputs, step_settings, stop_ids
 from .parsing import Locations, parse_caption, parse_locations, parse_selection, strip_chat_markers
 
 logger = logging.getLogger(__name__)
@@ -55,7 +57,7 @@ def _streamed(model: Any, tokenizer: Any, inputs: PromptInputs, max_new_tokens: 
     stops = stop_ids(tokenizer)
     settings = step_settings(model, tokenizer, max_new_tokens, do_sample, repetition_penalty,
                              (stops.eos, stops.stop_word, stops.im_end))
-    stream, count = TextStream(tokenizer), 0
+    stream, count = IncrementalText(tokenizer, skip_special_tokens=False), 0
     for token in generate_ids(model, inputs, settings):
         count += 1
         if token in settings.eos_token_ids:
@@ -63,7 +65,10 @@ def _streamed(model: Any, tokenizer: Any, inputs: PromptInputs, max_new_tokens: 
         piece = stream.push(token)
         if piece and on_text is not None:
             on_text(piece)
-    return stream.text(), count
+    rest, text = stream.finish()  # text: decode of the ids (the stops never enter them)
+    if rest and on_text is not None:
+        on_text(rest)
+    return text, count
 
 
 def _answer(model: Any, tokenizer: Any, inputs: PromptInputs, max_new_tokens: int, do_sample: bool) -> Tuple[str, int]:
