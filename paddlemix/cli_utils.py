@@ -1,5 +1,6 @@
-"""Helpers shared by the command-line tools (chat demo, fine-tuning): logging, device and dtype
-choice, and :func:`run_cli`, which turns expected failures into one ``error: ...`` line.
+"""Helpers shared by the command-line tools (chat demo, server, composition, evaluation,
+fine-tuning): logging, device and dtype choice, loading a checkpoint (:func:`load_model`), and
+:func:`run_cli`, which turns expected failures into one ``error: ...`` line.
 
 Nothing here imports Paddle at module level, so a CLI can parse its arguments (and answer
 ``--help``) before paying for the framework import. Library modules log; only CLIs print.
@@ -14,7 +15,7 @@ import os
 import re
 import sys
 import warnings
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 from paddlemix.cpu_env import configure_cpu_environment, describe_applied
 
@@ -32,6 +33,8 @@ __all__ = [
     "pick_dtype",
     "looks_like_hub_id",
     "quiet_native_stderr",
+    "HUB_SOURCES",
+    "load_model",
 ]
 
 EXIT_ERROR = 2  # bad input; the same code argparse uses for usage errors
@@ -40,6 +43,10 @@ DTYPES = ("float32", "bfloat16", "float16")
 # Import-time noise of Paddle/setuptools that says nothing about the user's run.
 _NOISY_WARNINGS = ("No ccache found", "Setuptools is replacing distutils")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# --source choices → from_pretrained keyword arguments
+HUB_SOURCES: Dict[str, Dict[str, Any]] = {"paddlenlp": {}, "aistudio": {"from_aistudio": True},
+                                          "huggingface": {"from_hf_hub": True}}
+logger = logging.getLogger("paddlemix.cli")
 
 
 def add_logging_args(parser: argparse.ArgumentParser) -> None:
@@ -71,7 +78,8 @@ def error_line(err: BaseException) -> str:
 
 
 def warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr, flush=True)
+    """A warning for the user of a command line (logged: :func:`setup_logging` shows warnings)."""
+    logger.warning(message)
 
 
 def run_cli(main: Callable[..., Optional[int]]) -> Callable[..., None]:
@@ -133,6 +141,31 @@ def pick_dtype(requested: Optional[str], device: str) -> str:
 def looks_like_hub_id(name: str) -> bool:
     """``owner/name`` that is not an existing local path (so it would have to be downloaded)."""
     return not os.path.exists(name) and bool(_HUB_ID.match(name))
+
+
+def load_model(path_or_id: str, dtype: str = "float32", source: str = "paddlenlp", cache_dir: Optional[str] = None,
+               tokenizer: Optional[str] = None, quiet: bool = True) -> Tuple[Any, Any]:
+    """``(model, tokenizer)`` of a local checkpoint or hub id (``source``: a :data:`HUB_SOURCES`
+    key), the model in eval mode; ``tokenizer``: another directory or id for the tokenizer. A hub
+    id that cannot be resolved (offline, typo) is one error that says what to pass instead.
+    ``quiet`` hides SentencePiece's harmless load-time chatter on the native stderr."""
+    from paddlemix.models.internlm_xcomposer2 import InternLMXComposer2ForCausalLM, InternLMXComposer2Tokenizer
+
+    if source not in HUB_SOURCES:
+        raise ValueError(f"source must be one of {', '.join(HUB_SOURCES)}, got {source!r}")
+    hub = dict(HUB_SOURCES[source], **({"cache_dir": cache_dir} if cache_dir else {}))
+    name = tokenizer or path_or_id
+    try:
+        with quiet_native_stderr(quiet):
+            loaded_tokenizer = InternLMXComposer2Tokenizer.from_pretrained(name, **hub)
+        name = path_or_id
+        model = InternLMXComposer2ForCausalLM.from_pretrained(name, dtype=dtype, **hub)
+    except (ValueError, OSError) as err:
+        if not looks_like_hub_id(name):
+            raise
+        raise ValueError(f"could not load {name!r}: {error_line(err).rstrip('.')}. Pass a local checkpoint "
+                         "directory with --from_pretrained /path/to/dir") from err
+    return model.eval(), loaded_tokenizer
 
 
 @contextlib.contextmanager

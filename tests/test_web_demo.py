@@ -44,7 +44,7 @@ def launched(backend) -> Iterator[str]:
 def page_url(tiny_model_dir, no_proxy) -> Iterator[str]:
     """The demo on the fixture model in this process."""
     from paddlemix.serving.engine import Engine
-    from paddlemix.serving.runner import load_model
+    from paddlemix.cli_utils import load_model
     from paddlemix.serving.web_backends import EngineBackend
 
     model, tokenizer = load_model(str(tiny_model_dir), "float32")
@@ -57,7 +57,7 @@ def page_url(tiny_model_dir, no_proxy) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def reference(tiny_model_dir):
-    from paddlemix.serving.runner import load_model
+    from paddlemix.cli_utils import load_model
 
     return load_model(str(tiny_model_dir), "float32")
 

@@ -12,11 +12,12 @@ interruption and it resumes where it stopped. OUT also gets summary.json, summar
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
-from typing import Any, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
-from paddlemix.cli_utils import (DTYPES, add_logging_args, error_line, looks_like_hub_id, pick_device, pick_dtype,
-                                 quiet_native_stderr, run_cli, setup_logging)
+from paddlemix.cli_utils import (DTYPES, HUB_SOURCES, add_logging_args, load_model, pick_device, pick_dtype, run_cli,
+                                 setup_logging)
 
 FORMATS = ("auto", "chatml", "mmbench_tsv", "scienceqa")
 SHOWN_BAD_ROWS = 10
@@ -31,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="the evaluation file (.json, .jsonl or .tsv)")
     p.add_argument("--format", choices=FORMATS, default="auto", help="default: from the file (see above)")
     p.add_argument("--out", default="results", help="output directory (default: results)")
-    p.add_argument("--batch_size", type=int, default=8, help="rows generated together (default 8)")
+    p.add_argument("--batch_size", type=int, help="rows generated together (default 8)")
     p.add_argument("--max_new_tokens", type=int, help="default: 5 for benchmarks (official), 64 for chatml")
     p.add_argument("--num_beams", type=int, help="default: 5 for benchmarks (official), 1 for chatml")
     p.add_argument("--repetition_penalty", type=float, help="default: 1.0 for benchmarks (official), 1.005 "
@@ -51,36 +52,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of --shuffle (default 0)")
     p.add_argument("--image_root", help="folder relative image paths resolve against (default: the data file's)")
     p.add_argument("--split", help="scienceqa JSON: only rows of this split (e.g. test)")
+    p.add_argument("--retry_errors", action="store_true", help="on a resume, ask again the rows whose earlier "
+                   "answer was an error (e.g. an unreadable image, fixed since); by default they keep it")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
     p.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on a GPU, else float32")
     p.add_argument("--device", help="cpu, gpu, gpu:0, ... (default: gpu if available, else cpu)")
-    p.add_argument("--source", choices=("paddlenlp", "aistudio", "huggingface"), default="paddlenlp",
+    p.add_argument("--source", choices=tuple(HUB_SOURCES), default="paddlenlp",
                    help="where to download hub ids from")
     p.add_argument("--cache_dir", help="download cache directory")
     add_logging_args(p)
     return p
 
 
-def loader(args: argparse.Namespace, dtype: str):
+def loader(args: argparse.Namespace, dtype: str) -> Callable[[], Tuple[Any, Any]]:
     """``load() -> (model, tokenizer)``, called only if some row still needs an answer."""
-    def load() -> Tuple[Any, Any]:
-        from paddlemix.models.internlm_xcomposer2 import InternLMXComposer2ForCausalLM, InternLMXComposer2Tokenizer
-
-        hub: dict = {"aistudio": {"from_aistudio": True}, "huggingface": {"from_hf_hub": True}}.get(args.source, {})
-        if args.cache_dir:
-            hub["cache_dir"] = args.cache_dir
-        name = args.tokenizer or args.from_pretrained
-        try:
-            with quiet_native_stderr(not args.verbose):
-                tokenizer = InternLMXComposer2Tokenizer.from_pretrained(name, **hub)
-            name = args.from_pretrained
-            return InternLMXComposer2ForCausalLM.from_pretrained(name, dtype=dtype, **hub), tokenizer
-        except (ValueError, OSError) as err:
-            if not looks_like_hub_id(name):
-                raise
-            raise ValueError(f"could not load {name!r}: {error_line(err).rstrip('.')}. Pass a local checkpoint "
-                             "directory with --from_pretrained /path/to/dir") from err
-    return load
+    return functools.partial(load_model, args.from_pretrained, dtype, args.source, args.cache_dir, args.tokenizer,
+                             quiet=not args.verbose)
 
 
 @run_cli
@@ -90,12 +77,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     from paddlemix.evaluation import EvalConfig, run_evaluation
 
     dtype = pick_dtype(args.dtype, pick_device(args.device))
-    config = EvalConfig(model=args.from_pretrained, data=args.data, out=args.out, format=args.format,
-                        batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
+    batch = {"batch_size": args.batch_size} if args.batch_size is not None else {}  # else EvalConfig's
+    config = EvalConfig(model=args.from_pretrained, data=args.data, out=args.out, format=args.format, **batch,
+                        max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
                         repetition_penalty=args.repetition_penalty, meta_instruction=args.meta_instruction,
                         prompt_style=args.prompt_style, extract=args.extract, circular=args.circular,
                         limit=args.limit, shuffle=args.shuffle, seed=args.seed, image_root=args.image_root,
-                        split=args.split, dtype=dtype, progress=not args.no_progress)
+                        split=args.split, dtype=dtype, progress=not args.no_progress,
+                        retry_errors=args.retry_errors)
     result = run_evaluation(config, loader(args, dtype))
     bad = result.summary["bad_rows"]
     for row in bad["rows"][:SHOWN_BAD_ROWS]:

@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, List, Optional, Tuple
 
-from paddlemix.cli_utils import (DTYPES, add_logging_args, error_line, looks_like_hub_id, pick_device, pick_dtype,
-                                 quiet_native_stderr, run_cli, setup_logging)
+from paddlemix.cli_utils import (DTYPES, HUB_SOURCES, add_logging_args, error_line, load_model, pick_device, pick_dtype,
+                                 run_cli, setup_logging)
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -62,33 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--meta_instruction", help="system prompt (default: the official one; '' for none)")
     p.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on a GPU, else float32")
     p.add_argument("--device", help="cpu, gpu, gpu:0, ... (default: gpu if available, else cpu)")
-    p.add_argument("--source", choices=("paddlenlp", "aistudio", "huggingface"), default="paddlenlp",
+    p.add_argument("--source", choices=tuple(HUB_SOURCES), default="paddlenlp",
                    help="where to download hub ids from")
     p.add_argument("--cache_dir", help="download cache directory")
     add_logging_args(p)
     return p
-
-
-def load_model(args: argparse.Namespace, dtype: str) -> Tuple[Any, Any]:
-    """Tokenizer and model; a hub id that cannot be resolved gets an error saying what to do."""
-    from paddlemix.models.internlm_xcomposer2 import InternLMXComposer2ForCausalLM, InternLMXComposer2Tokenizer
-
-    sources = {"aistudio": {"from_aistudio": True}, "huggingface": {"from_hf_hub": True}}
-    hub: Dict[str, Any] = dict(sources.get(args.source, {}))  # nothing extra for paddlenlp
-    if args.cache_dir:
-        hub["cache_dir"] = args.cache_dir
-    name = args.tokenizer or args.from_pretrained
-    try:
-        with quiet_native_stderr(not args.verbose):  # SentencePiece's harmless load-time warnings
-            tokenizer = InternLMXComposer2Tokenizer.from_pretrained(name, **hub)
-        name = args.from_pretrained
-        model = InternLMXComposer2ForCausalLM.from_pretrained(name, dtype=dtype, **hub)
-    except (ValueError, OSError) as err:
-        if not looks_like_hub_id(name):
-            raise
-        raise ValueError(f"could not load {name!r}: {error_line(err).rstrip('.')}. "
-                         "Pass a local checkpoint directory with --from_pretrained /path/to/dir") from err
-    return tokenizer, model
 
 
 class Chat:
@@ -182,7 +160,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     from paddlemix.models.internlm_xcomposer2.image_processing import load_image
 
     images = [load_image(src) for src in args.image_path]  # a bad image fails before the slow model load
-    tokenizer, model = load_model(args, dtype)
+    model, tokenizer = load_model(args.from_pretrained, dtype, args.source, args.cache_dir, args.tokenizer,
+                                  quiet=not args.verbose)
     chat = Chat(model, tokenizer, args, meta)
     chat.images = images
     if args.interactive:

@@ -22,7 +22,8 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Union
 
-from paddlemix.cli_utils import DTYPES, add_logging_args, pick_device, pick_dtype, run_cli, setup_logging, warn
+from paddlemix.cli_utils import (DTYPES, HUB_SOURCES, add_logging_args, load_model, pick_device, pick_dtype, run_cli,
+                                 setup_logging, warn)
 
 
 def num_images_arg(value: str) -> Union[str, int]:
@@ -52,17 +53,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="Markdown file to write; images are copied to images/ beside it")
     p.add_argument("--html", action="store_true", help="also write the article as a standalone .html page")
     p.add_argument("--json", action="store_true", help="also write .json: slots, candidates, scores, timings")
-    p.add_argument("--max_new_tokens", type=int, default=4096, help="article length budget (official default 4096)")
+    # Defaults left as None are the library's (ComposeOptions: the official demo's values).
+    p.add_argument("--max_new_tokens", type=int, help="article length budget (default: the official 4096)")
     p.add_argument("--do_sample", action=argparse.BooleanOptionalAction, default=True,
                    help="sample as the official demo (default); --no-do_sample makes every step greedy")
-    p.add_argument("--repetition_penalty", type=float, default=1.005, help="of the article step (official 1.005)")
+    p.add_argument("--repetition_penalty", type=float, help="of the article step (default: the official 1.005)")
     p.add_argument("--seed", type=int, help="seed for reproducible sampling")
     p.add_argument("--with_meta", action="store_true", help="add the demo's system prompt to every step")
-    p.add_argument("--num_candidates", type=int, default=4, help="library images shown to the model per place (4)")
-    p.add_argument("--batch_size", type=int, default=8, help="images per batch when encoding and ranking")
+    p.add_argument("--num_candidates", type=int, help="library images shown to the model per place (default: the "
+                   "demo's 4)")
+    p.add_argument("--batch_size", type=int, help="images per batch when encoding and ranking (default 8)")
     p.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on a GPU, else float32")
     p.add_argument("--device", help="cpu, gpu, gpu:0, ... (default: gpu if available, else cpu)")
-    p.add_argument("--source", choices=("paddlenlp", "aistudio", "huggingface"), default="paddlenlp",
+    p.add_argument("--source", choices=tuple(HUB_SOURCES), default="paddlenlp",
                    help="where to download hub ids from")
     p.add_argument("--download_dir", help="download cache directory for hub ids")
     add_logging_args(p)
@@ -84,15 +87,16 @@ def read_instruction(args: argparse.Namespace) -> str:
 
 def check_inputs(args: argparse.Namespace) -> None:
     """Fail on bad files before the (slow) model load."""
+    from paddlemix.composition.prompts import MAX_UPLOADS
     from paddlemix.models.internlm_xcomposer2.image_processing import load_image
 
     for path in args.image:
         load_image(path)
     if args.library and not Path(args.library).is_dir():
         raise ValueError(f"--library {args.library!r} is not a directory")
-    if len(args.image) > 10:
-        raise ValueError(f"{len(args.image)} --image given; at most 10 (as the official demo)")
-    if args.num_candidates < 1 or args.batch_size < 1 or args.max_new_tokens < 1:
+    if len(args.image) > MAX_UPLOADS:
+        raise ValueError(f"{len(args.image)} --image given; at most {MAX_UPLOADS} (as the official demo)")
+    if any(value is not None and value < 1 for value in (args.num_candidates, args.batch_size, args.max_new_tokens)):
         raise ValueError("--num_candidates, --batch_size and --max_new_tokens must be positive")
 
 
@@ -141,17 +145,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     check_inputs(args)
     dtype = pick_dtype(args.dtype, pick_device(args.device))
     from paddlemix.composition import compose, save_article
-    from paddlemix.examples.internlm_xcomposer2.chat_demo import load_model
 
-    hub_args = argparse.Namespace(tokenizer=args.tokenizer, from_pretrained=args.from_pretrained, source=args.source,
-                                  cache_dir=args.download_dir, verbose=args.verbose)
-    tokenizer, model = load_model(hub_args, dtype)
+    model, tokenizer = load_model(args.from_pretrained, dtype, args.source, args.download_dir, args.tokenizer,
+                                  quiet=not args.verbose)
     console = Console()
+    chosen = {name: getattr(args, name) for name in ("max_new_tokens", "repetition_penalty", "num_candidates",
+                                                     "batch_size") if getattr(args, name) is not None}
     article = compose(model, tokenizer, instruction, images=args.image or None, library=args.library,
-                      num_images=args.num_images, cache_dir=args.cache_dir, max_new_tokens=args.max_new_tokens,
-                      do_sample=args.do_sample, repetition_penalty=args.repetition_penalty, seed=args.seed,
-                      with_meta=args.with_meta, num_candidates=args.num_candidates, batch_size=args.batch_size,
-                      on_text=console.text, on_event=console.event)
+                      num_images=args.num_images, cache_dir=args.cache_dir, do_sample=args.do_sample, seed=args.seed,
+                      with_meta=args.with_meta, on_text=console.text, on_event=console.event, **chosen)
     console.event("saving")
     written = save_article(article, args.out, html_page=args.html, json_file=args.json)
     report(article, written)
