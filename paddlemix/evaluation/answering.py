@@ -27,7 +27,7 @@ from .items import EvalItem, RowProblem
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Answerer", "DecodeOptions", "beam_search_available", "mcq_layout"]
+__all__ = ["Answerer", "DecodeOptions", "mcq_layout"]
 
 Answer = Union[str, RowProblem]  # the raw answer, or why the row could not be asked
 
@@ -38,13 +38,6 @@ class DecodeOptions:
     num_beams: int = 1
     repetition_penalty: float = 1.0
     meta_instruction: str = ""  # chat rows only (benchmark rows have no system prompt, officially)
-
-
-def beam_search_available(model_class: type) -> bool:
-    """Whether the model package's own ``generate`` (beam search, HF semantics) exists; the one
-    inherited from PaddleNLP knows nothing of ``inputs_embeds`` + ``im_mask``."""
-    generate = getattr(model_class, "generate", None)
-    return getattr(generate, "__module__", "").startswith("paddlemix.models")
 
 
 def mcq_layout(processor: InternLMXComposer2Processor, prompt: str, num_images: int) -> Tuple[List[int], List[int]]:
@@ -61,9 +54,6 @@ class Answerer:
     comes back as a :class:`RowProblem` instead of failing its batch."""
 
     def __init__(self, model: Any, tokenizer: Any, options: DecodeOptions) -> None:
-        if options.num_beams > 1 and not beam_search_available(type(model)):
-            raise ValueError(f"num_beams {options.num_beams} needs beam search in model.generate, which this "
-                             "version of the model package lacks; pass --num_beams 1 (greedy)")
         self.model, self.tokenizer, self.options = model, tokenizer, options
         self.processor = InternLMXComposer2Processor.from_config(tokenizer, model.config)
         self.eos_ids = (tokenizer.eos_token_id, tokenizer.im_end_id)

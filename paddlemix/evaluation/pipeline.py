@@ -56,6 +56,7 @@ class EvalConfig:
     split: Optional[str] = None
     dtype: str = "float32"
     progress: bool = True
+    retry_errors: bool = False  # on a resume, ask again the rows whose earlier answer was an error
 
 
 @dataclass
@@ -148,19 +149,13 @@ def _answer_pending(selected: Sequence[EvalItem], done: Dict[str, Dict[str, Any]
 
 def run_evaluation(config: EvalConfig, load_model: Callable[[], Tuple[Any, Any]]) -> EvalResult:
     """Evaluate; ``load_model() -> (model, tokenizer)`` is called only if some row still needs an answer."""
-    from .answering import Answerer, DecodeOptions, beam_search_available
-    from ..models.internlm_xcomposer2 import InternLMXComposer2ForCausalLM
+    from .answering import Answerer, DecodeOptions
 
     if config.batch_size <= 0:
         raise ValueError(f"--batch_size must be positive, got {config.batch_size}")
     data: LoadedData = load_data(config.data, config.format, config.prompt_style, config.circular,
                                  config.image_root, config.split)
     decode = _decode_settings(config, data.format)
-    if decode["num_beams"] > 1 and not beam_search_available(InternLMXComposer2ForCausalLM):
-        raise ValueError(f"num_beams {decode['num_beams']} (the official setting for {data.format} is "
-                         f"{FORMAT_DEFAULTS[data.format]['num_beams']}) needs beam search in model.generate, which this "
-                         "version of the model package lacks; pass --num_beams 1 for greedy decoding (scores can "
-                         "differ slightly from the official ones)")
     for row in data.bad_rows:
         logger.info("bad row: %s: %s", row.location, row.reason)
     selected = select_items(data.items, config.limit, config.shuffle, config.seed, config.circular)
@@ -168,6 +163,14 @@ def run_evaluation(config: EvalConfig, load_model: Callable[[], Tuple[Any, Any]]
     store = PredictionStore(config.out)
     done = store.load()
     _check_resumed(selected, done, decode["meta_instruction"])
+    failed = [row_id for row_id, record in done.items() if record.get("error") is not None]
+    if failed and config.retry_errors:  # asked again; their new lines supersede the old ones on load
+        logger.info("retrying %d rows that failed in the earlier run", len(failed))
+        for row_id in failed:
+            del done[row_id]
+    elif failed:
+        logger.warning("%d rows failed in the earlier run and keep their error (pass --retry_errors to ask them "
+                       "again, e.g. after fixing an image path)", len(failed))
 
     def make_answerer():
         model, tokenizer = load_model()
@@ -190,7 +193,7 @@ def _finish(config: EvalConfig, data: LoadedData, selected: Sequence[EvalItem], 
     from .plot import plot_summary
 
     summary = summarise(selected, done, data.bad_rows, config.circular, data.notes)
-    summary["settings"] = {k: v for k, v in asdict(config).items() if k != "progress"}
+    summary["settings"] = {k: v for k, v in asdict(config).items() if k not in ("progress", "retry_errors")}
     title = f"{_model_name(config.model)} on {os.path.basename(config.data)}"
     paths = write_summary(summary, config.out, title)
     paths["chart"] = plot_summary(summary, os.path.join(config.out, CHART_FILE), title)
