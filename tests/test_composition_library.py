@@ -1,6 +1,7 @@
 """The image library: discovery, the content-keyed feature cache, unreadable files, and the ranking scores."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -82,6 +83,20 @@ def test_a_touched_file_is_hashed_again_but_not_encoded(model, folder):
     assert (again.stats.hashed, again.stats.encoded, again.stats.cache_hits) == (1, 0, 4)
     (folder / CACHE_DIRNAME / "hashes.json").write_text("{broken")
     assert open_library(model, folder, progress=False).stats.hashed == 5  # a damaged memo: everything read again
+
+
+def test_the_memo_forgets_deleted_files_and_the_cache_info_is_whole(model, folder):
+    first = open_library(model, folder, progress=False)
+    memo = folder / CACHE_DIRNAME / "hashes.json"
+    assert str((folder / "trip" / "blue.png").resolve()) in json.loads(memo.read_text())
+    (folder / "trip" / "blue.png").unlink()
+    again = open_library(model, folder, progress=False)
+    kept = json.loads(memo.read_text())
+    assert str((folder / "trip" / "blue.png").resolve()) not in kept and len(kept) == 4  # 3 images + broken.jpg
+    assert (again.stats.hashed, again.stats.encoded, len(again)) == (0, 0, 3)
+    info = json.loads((first.cache.directory / "info.json").read_text())
+    assert info["img_size"] == model.config.img_size and info["tokens"] == model.config.num_image_tokens
+    assert not list(first.cache.directory.glob("*.tmp")) and not list(memo.parent.glob("*.tmp"))
 
 
 def test_copies_are_encoded_once_and_other_dirs_work(model, folder, tmp_path):

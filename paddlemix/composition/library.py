@@ -159,8 +159,8 @@ class EmbeddingCache:
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             info = self.directory / "info.json"
-            if not info.exists():
-                info.write_text(json.dumps(about, indent=1), encoding="utf-8")
+            if not info.exists():  # whole or absent, even if two processes race or one is killed
+                _write_atomic(info, json.dumps(about, indent=1).encode("utf-8"))
             fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
             with os.fdopen(fd, "wb") as handle:
                 np.save(handle, array)
@@ -226,17 +226,27 @@ class HashMemo:
         return sha
 
     def save(self) -> None:
-        tmp = None
+        """Write the memo atomically, without the files that no longer exist (deleted or renamed:
+        the memo would otherwise grow with every file the cache ever saw)."""
+        self.entries = {key: entry for key, entry in self.entries.items() if os.path.exists(key)}
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.path.parent, suffix=".tmp")
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                json.dump(self.entries, handle)
-            os.replace(tmp, self.path)
+            _write_atomic(self.path, json.dumps(self.entries).encode("utf-8"))
         except OSError as err:
             logger.warning("cannot write %s (%s); files will be hashed again next time", self.path, err)
-            if tmp is not None and os.path.exists(tmp):
-                os.unlink(tmp)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """``data`` to ``path`` through a temporary file and a rename: readers see all or nothing."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def _hash_all(paths: List[Path], memo: HashMemo, stats: LibraryStats) -> List[Tuple[Path, str]]:
