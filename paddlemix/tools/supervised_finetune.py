@@ -28,10 +28,13 @@ def main(argv: Optional[List[str]] = None) -> None:
     setup_logging(verbose)
     logging.getLogger("paddlemix").setLevel(logging.INFO)  # progress lines (loss, lr) are the point of a run
     from paddlemix.finetune.arguments import parse_arguments
+    from paddlemix.finetune.process_exit import exit_finished_distributed_run
     from paddlemix.finetune.run import run_sft
 
     model_args, data_args, training_args = parse_arguments(argv)
     run_sft(model_args, data_args, training_args)
+    if training_args.world_size > 1:
+        exit_finished_distributed_run()
 
 
 if __name__ == "__main__":
