@@ -45,6 +45,12 @@ def image_handler(tiny_dir: Path):
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            if self.path == "/redirect-malformed":
+                self.send_response(302)
+                self.send_header("Location", "http://[::1/img1.png")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             if self.path not in files:
                 self.send_error(404)
                 return
@@ -348,7 +354,8 @@ def test_bad_image_urls_are_400(server, client, images, path, fragment):
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "10.1.2.3", "192.168.0.1", "169.254.169.254",
-                                  "100.64.0.1", "0.0.0.0", "[::1]", "[::ffff:127.0.0.1]", "[fd00::1]"])
+                                  "100.64.0.1", "0.0.0.0", "[::1]", "[::ffff:127.0.0.1]", "[fd00::1]", "[::7f00:1]",
+                                  "[2002:7f00:1::]"])
 def test_private_hosts_are_refused_by_default(images, host):
     """A client must not make the server fetch its own loopback services, the cloud metadata
     address or the private network (unless the server was started with --allow-private-media-urls)."""
@@ -361,6 +368,34 @@ def test_private_hosts_are_refused_by_default(images, host):
     assert caught.value.status == 400 and "non-public address" in caught.value.message
     assert "--allow-private-media-urls" in caught.value.message
     assert MediaLoader(allow_private_urls=True).load(images["base"] + "/img1.png", "url").size == (300, 200)
+
+
+@pytest.mark.parametrize("url, fragment", [
+    ("http://127.0.0.1\\@example.com:{port}/img1.png", "non-public address (127.0.0.1)"),  # where requests connects
+    ("http://[::1", "not a valid URL"), ("http://[example.com]/a.png", "not a valid URL")])
+def test_urls_that_parsers_read_differently_or_not_at_all_are_400(images, url, fragment):
+    from paddlemix.serving.errors import APIError
+    from paddlemix.serving.media import MediaLoader
+
+    url = url.format(port=images["base"].rsplit(":", 1)[1])
+    with pytest.raises(APIError) as caught:
+        MediaLoader().load(url, "url")
+    assert caught.value.status == 400 and fragment in caught.value.message
+
+
+def test_the_guard_alone_refuses_a_host_that_parsers_disagree_on():
+    from paddlemix.models.internlm_xcomposer2.image_processing import ImageLoadError
+    from paddlemix.serving.media import refuse_private_hosts
+
+    with pytest.raises(ImageLoadError, match="ambiguous"):
+        refuse_private_hosts("http://127.0.0.1\\@example.com/img1.png")  # urllib.parse: example.com
+
+
+def test_a_redirect_to_a_malformed_url_is_an_image_error(images):
+    from paddlemix.models.internlm_xcomposer2.image_processing import ImageLoadError, load_image
+
+    with pytest.raises(ImageLoadError, match="not a valid URL"):
+        load_image(images["base"] + "/redirect-malformed")
 
 
 def test_unreachable_image_url_is_400(server, client):
@@ -466,5 +501,8 @@ def test_not_json_and_unknown_route(server):
     headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
     response = httpx.post(server["url"] + "/v1/chat/completions", content=b"{not json", headers=headers)
     assert response.status_code == 400 and set(response.json()["error"]) == {"message", "type", "param", "code"}
+    nested = b"[" * 100_000  # json.loads recurses: RecursionError, not a ValueError
+    response = httpx.post(server["url"] + "/v1/chat/completions", content=nested, headers=headers)
+    assert response.status_code == 400 and "nests JSON too deeply" in response.json()["error"]["message"]
     response = httpx.get(server["url"] + "/v1/nothing-here", headers=headers)
     assert response.status_code == 404 and "error" in response.json()

@@ -19,6 +19,7 @@ from typing import Any, AsyncIterator, Dict, List, Optional, Sequence
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .channels import AsyncChannel, Failed, Finished, TextDelta
@@ -108,8 +109,13 @@ class _Handlers:
         _check_key(request, self.config.api_keys)
         try:
             body = json.loads(await _read_body(request, self.config.max_body_bytes))
+        except ClientDisconnect as err:  # gone while sending: nobody to answer, nothing queued
+            raise APIError(499, "the client disconnected while sending the request", "invalid_request_error",
+                           code="client_disconnected") from err
         except (ValueError, UnicodeDecodeError) as err:
             raise bad_request(f"the request body is not valid JSON ({err})") from err
+        except RecursionError as err:
+            raise bad_request("the request body nests JSON too deeply") from err
         chat = parse_chat_request(body)
         if chat.model != self.config.model_name:
             raise APIError.not_found_model(chat.model, self.config.model_name)

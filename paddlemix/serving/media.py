@@ -24,6 +24,7 @@ import socket
 from typing import Optional
 from urllib.parse import unquote, urlparse
 
+import urllib3
 from PIL import Image
 
 from paddlemix.models.internlm_xcomposer2.image_processing import (DEFAULT_MAX_PIXELS, DEFAULT_TIMEOUT,
@@ -44,22 +45,36 @@ IMAGE_MEDIA_TYPE = "image/"
 
 def _is_public(address: str) -> bool:
     ip = ipaddress.ip_address(address.split("%", 1)[0])  # drop an IPv6 zone index
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped  # ::ffff:127.0.0.1 is loopback
-    return ip.is_global and not ip.is_multicast
+    if isinstance(ip, ipaddress.IPv6Address):
+        # an IPv4 address carried in IPv6 (mapped ::ffff:a.b.c.d, 6to4, Teredo) is judged as itself
+        ip = ip.ipv4_mapped or ip.sixtofour or (ip.teredo[1] if ip.teredo else None) or ip
+    return ip.is_global and not (ip.is_multicast or ip.is_reserved)
+
+
+def _bare_host(host: Optional[str]) -> str:
+    return (host or "").strip("[]").lower()  # urllib3 keeps an IPv6 literal's brackets
 
 
 def refuse_private_hosts(url: str) -> None:
     """Raise :class:`ImageLoadError` unless every address ``url``'s host resolves to is public
-    (not loopback, private, link-local, shared, reserved or multicast)."""
-    parsed = urlparse(url)
-    host = parsed.hostname
-    if not host:
-        raise ImageLoadError(f"{url[:80]!r} names no host")
+    (not loopback, private, link-local, shared, reserved or multicast). The host is read as
+    urllib3 (which makes the connection) reads it; a URL that ``urllib.parse`` reads as another
+    host is ambiguous and refused. The check is at resolution time: a name whose addresses
+    change between this check and the connection (DNS rebinding) is not caught."""
     try:
+        parsed = urlparse(url)
+        host = _bare_host(urllib3.util.parse_url(url).host)
+        if host != _bare_host(parsed.hostname):
+            raise ImageLoadError(f"{url[:80]!r} is ambiguous: its host reads differently to different parsers")
+        if not host:
+            raise ImageLoadError(f"{url[:80]!r} names no host")
         port = parsed.port or (443 if parsed.scheme == "https" else 80)
         addresses = {info[4][0] for info in socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)}
-    except (OSError, ValueError) as err:  # unknown name, or a malformed port
+    except ImageLoadError:
+        raise
+    except urllib3.exceptions.LocationParseError as err:
+        raise ImageLoadError(f"{url[:80]!r} is not a valid URL ({err}); check it") from err
+    except (OSError, ValueError) as err:  # unknown name, a malformed host or port
         raise ImageLoadError(f"could not resolve the host of {url[:80]!r} ({err}); check the URL") from err
     private = sorted(a for a in addresses if not _is_public(a))
     if private:

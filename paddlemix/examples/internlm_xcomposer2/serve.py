@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
 @run_cli
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.max_request_mb <= 0:  # before the (slow) model load
+        raise ValueError(f"--max_request_mb must be positive, got {args.max_request_mb}")
     setup_logging(args.verbose)
     logging.getLogger("paddlemix.serving").setLevel(logging.INFO)  # one line per request, always
     from paddlemix.serving.media import MediaLoader

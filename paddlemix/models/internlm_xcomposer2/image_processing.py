@@ -127,15 +127,23 @@ def _fetch(url: str, timeout: float, url_guard: Optional[UrlGuard] = None) -> by
     """Download ``url`` and return its body, turning every network failure into ImageLoadError.
     Redirects are followed here, hop by hop, so that ``url_guard`` sees every address fetched."""
     try:
-        for _ in range(MAX_REDIRECTS + 1):
-            if url_guard is not None:
-                url_guard(url)
-            with requests.get(url, timeout=timeout, stream=True, allow_redirects=False) as response:
-                if response.is_redirect:
-                    url = urljoin(url, response.headers["Location"])
-                    continue
-                return _read_body(url, response)
+        with requests.Session() as session:
+            for _ in range(MAX_REDIRECTS + 1):
+                # the guard vets the URL exactly as requests will connect to it (its own parsing,
+                # e.g. of a backslash in the authority, differs from urllib.parse's)
+                request = session.prepare_request(requests.Request("GET", url))
+                if url_guard is not None:
+                    url_guard(request.url)
+                with session.send(request, timeout=timeout, stream=True, allow_redirects=False) as response:
+                    if response.is_redirect:
+                        url = urljoin(request.url, response.headers["Location"])
+                        continue
+                    return _read_body(url, response)
         raise ImageLoadError(f"{url!r} redirected more than {MAX_REDIRECTS} times; use the final image URL.")
+    except ImageLoadError:
+        raise  # the guard's refusal, or the body's
+    except ValueError as err:  # a malformed URL (given, or in a redirect's Location)
+        raise ImageLoadError(f"{url[:200]!r} is not a valid URL ({err}); check it.") from err
     except requests.Timeout as err:
         raise ImageLoadError(f"{url!r} timed out after {timeout} s; check the network or raise timeout.") from err
     except requests.RequestException as err:
