@@ -97,6 +97,10 @@ def test_the_memo_forgets_deleted_files_and_the_cache_info_is_whole(model, folde
     info = json.loads((first.cache.directory / "info.json").read_text())
     assert info["img_size"] == model.config.img_size and info["tokens"] == model.config.num_image_tokens
     assert not list(first.cache.directory.glob("*.tmp")) and not list(memo.parent.glob("*.tmp"))
+    umask = os.umask(0)
+    os.umask(umask)
+    written = [memo, first.cache.directory / "info.json", first.cache.path(first.hashes[0])]
+    assert {path.stat().st_mode & 0o777 for path in written} == {0o666 & ~umask}  # as open() makes them
 
 
 def test_copies_are_encoded_once_and_other_dirs_work(model, folder, tmp_path):

@@ -164,6 +164,7 @@ class EmbeddingCache:
             fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
             with os.fdopen(fd, "wb") as handle:
                 np.save(handle, array)
+            os.chmod(tmp, 0o666 & ~_umask())  # readable by whoever shares the cache, as open() would
             os.replace(tmp, self.path(sha))
             return True
         except OSError as err:
@@ -237,16 +238,27 @@ class HashMemo:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    """``data`` to ``path`` through a temporary file and a rename: readers see all or nothing."""
+    """``data`` to ``path`` through a temporary file and a rename: readers see all or nothing.
+    The file gets the permissions a plain ``open`` would give (``mkstemp`` makes it 0600, which
+    would lock other users out of a shared cache)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it; set straight back
+    os.umask(mask)
+    return mask
 
 
 def _hash_all(paths: List[Path], memo: HashMemo, stats: LibraryStats) -> List[Tuple[Path, str]]:
