@@ -163,7 +163,7 @@ def run_evaluation(config: EvalConfig, load_model: Callable[[], Tuple[Any, Any]]
     store = PredictionStore(config.out)
     done = store.load()
     _check_resumed(selected, done, decode["meta_instruction"])
-    failed = [row_id for row_id, record in done.items() if record.get("error") is not None]
+    failed = [item.id for item in selected if done.get(item.id, {}).get("error") is not None]  # this run's rows
     if failed and config.retry_errors:  # asked again; their new lines supersede the old ones on load
         logger.info("retrying %d rows that failed in the earlier run", len(failed))
         for row_id in failed:
