@@ -14,6 +14,7 @@ reported with its path and the reason; it never stops the article.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -155,23 +156,18 @@ class EmbeddingCache:
         """Store atomically (temporary file + rename); False (and one warning) if it cannot be written."""
         if not self.writable:
             return False
-        tmp = None
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             info = self.directory / "info.json"
             if not info.exists():  # whole or absent, even if two processes race or one is killed
                 _write_atomic(info, json.dumps(about, indent=1).encode("utf-8"))
-            fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
-            with os.fdopen(fd, "wb") as handle:
-                np.save(handle, array)
-            os.chmod(tmp, 0o666 & ~_umask())  # readable by whoever shares the cache, as open() would
-            os.replace(tmp, self.path(sha))
+            encoded = io.BytesIO()
+            np.save(encoded, array)
+            _write_atomic(self.path(sha), encoded.getvalue())
             return True
         except OSError as err:
             logger.warning("cannot write the embedding cache in %s (%s); features kept in memory only",
                            self.directory, err)
-            if tmp is not None and os.path.exists(tmp):
-                os.unlink(tmp)
             self.writable = False
             return False
 
