@@ -40,7 +40,6 @@ logger = logging.getLogger(__name__)
 __all__ = ["Engine", "EngineStats", "Job"]
 
 
-
 def _shutting_down() -> APIError:
     return APIError(503, "the server is shutting down", type="server_error", code="unavailable")
 
