@@ -86,6 +86,7 @@ import paddlenlp  # noqa: E402
 
 from paddlemix.models.internlm_xcomposer2.configuration import InternLMXComposer2Config  # noqa: E402
 from paddlemix.models.internlm_xcomposer2.modeling import InternLMXComposer2ForCausalLM  # noqa: E402
+from paddlemix.models.internlm_xcomposer2.row_gemm import row_gemm  # noqa: E402
 from paddlemix.models.internlm_xcomposer2.tokenizer import InternLMXComposer2Tokenizer  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -309,6 +310,8 @@ def machine_info() -> Dict[str, Any]:
         "lscpu_cpu_family_model": [line.split(":", 1)[1].strip() for line in lscpu.splitlines()
                                    if line.startswith(("CPU family", "Model:"))],
         "mkl_debug_cpu_type": os.environ.get("MKL_DEBUG_CPU_TYPE"),
+        "kmp_blocktime": os.environ.get("KMP_BLOCKTIME"),
+        "row_gemm": row_gemm(),
         "fused_cpu_kernels": fused_kernels_on_cpu(),
         "cores": os.cpu_count(),
         "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),

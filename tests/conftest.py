@@ -66,6 +66,21 @@ def norm_kernels(request) -> Iterator[str]:
         set_fused_kernels_on_cpu(None)
 
 
+@pytest.fixture(params=["paddle", "numpy"])
+def row_gemms(request) -> Iterator[str]:
+    """Runs a test once per kernel a single-row product (a decode step) can take on a CPU:
+    Paddle's matmul (Intel's default) and NumPy's BLAS (other vendors' default; see row_gemm.py),
+    there for every weight, however small (the fixture's are all small)."""
+    from paddlemix.models.internlm_xcomposer2.row_gemm import row_gemm, set_row_gemm
+
+    set_row_gemm(request.param, min_weight_bytes=0)
+    assert row_gemm() == request.param
+    try:
+        yield request.param
+    finally:
+        set_row_gemm(None)
+
+
 @pytest.fixture(scope="session")
 def tiny_dir() -> Path:
     if not TINY.is_dir():

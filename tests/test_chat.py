@@ -28,7 +28,7 @@ def model(tiny_dir, tiny_config):
     return InternLMXComposer2ForCausalLM.from_pretrained(str(tiny_dir), config=tiny_config)
 
 
-def test_greedy_image_chat_matches_official(model, tokenizer, tiny_dir, golden, golden_json, norm_kernels):
+def test_greedy_image_chat_matches_official(model, tokenizer, tiny_dir, golden, golden_json, norm_kernels, row_gemms):
     query, image = golden_json["chat"]["query"], str(tiny_dir / "img1.png")
     ids, scores = model.generate_ids(tokenizer, query, image=image, do_sample=False, max_new_tokens=16,
                                      output_scores=True)
@@ -43,7 +43,7 @@ def test_greedy_image_chat_matches_official(model, tokenizer, tiny_dir, golden, 
     assert history == [(query, response)]
 
 
-def test_greedy_text_chat_matches_official(model, tokenizer, golden, golden_json, norm_kernels):
+def test_greedy_text_chat_matches_official(model, tokenizer, golden, golden_json, norm_kernels, row_gemms):
     case = golden_json["generate_text_only"]
     ids, _ = model.generate_ids(tokenizer, case["query"], do_sample=False, max_new_tokens=16)
     assert ids == golden["gen_text_output_ids"].tolist()

@@ -27,12 +27,16 @@ def test_the_mkl_path_follows_the_cpus_own_flags(vendor, flags, expected):
 
 def test_the_users_environment_wins():
     amd = {"vendor": "AuthenticAMD", "model": "AMD EPYC", "flags": AVX2}
+    tuned = {"MKL_DEBUG_CPU_TYPE": "5", "KMP_BLOCKTIME": "0"}
     env = {}
-    assert cpu_env.configure_cpu_environment(env, amd) == {"MKL_DEBUG_CPU_TYPE": "5"} and env["MKL_DEBUG_CPU_TYPE"] == "5"
+    assert cpu_env.configure_cpu_environment(env, amd) == tuned and env == tuned
     env = {"MKL_DEBUG_CPU_TYPE": "4"}
-    assert cpu_env.configure_cpu_environment(env, amd) == {} and env == {"MKL_DEBUG_CPU_TYPE": "4"}
+    assert cpu_env.configure_cpu_environment(env, amd) == {"KMP_BLOCKTIME": "0"}
+    assert env == {"MKL_DEBUG_CPU_TYPE": "4", "KMP_BLOCKTIME": "0"}
+    env = {"MKL_DEBUG_CPU_TYPE": "4", "KMP_BLOCKTIME": "200"}
+    assert cpu_env.configure_cpu_environment(env, amd) == {} and env == {"MKL_DEBUG_CPU_TYPE": "4", "KMP_BLOCKTIME": "200"}
     env = {"IXC2_CPU_TUNING": "0"}
-    assert cpu_env.configure_cpu_environment(env, amd) == {} and "MKL_DEBUG_CPU_TYPE" not in env
+    assert cpu_env.configure_cpu_environment(env, amd) == {} and env == {"IXC2_CPU_TUNING": "0"}
     assert cpu_env.configure_cpu_environment({}, {"vendor": "GenuineIntel", "model": "Xeon", "flags": AVX512}) == {}
 
 
@@ -51,13 +55,14 @@ def test_a_cli_sets_it_before_paddle_loads_and_says_so():
     code = ("import os\nfrom paddlemix.cli_utils import run_cli, setup_logging\n"
             "@run_cli\ndef main():\n    setup_logging(verbose=True)\n    import paddle\n"
             "    print('MKL_DEBUG_CPU_TYPE=' + os.environ.get('MKL_DEBUG_CPU_TYPE', 'unset'))\nmain()\n")
-    env = {k: v for k, v in os.environ.items() if k not in ("MKL_DEBUG_CPU_TYPE", "IXC2_CPU_TUNING")}
+    env = {k: v for k, v in os.environ.items() if k not in ("MKL_DEBUG_CPU_TYPE", "KMP_BLOCKTIME", "IXC2_CPU_TUNING")}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     info = cpu_env.cpu_info()
     expected = cpu_env.mkl_cpu_type(str(info.get("vendor", "")), frozenset(info.get("flags", frozenset())))
     assert f"MKL_DEBUG_CPU_TYPE={expected or 'unset'}" in result.stdout
     assert (f"MKL_DEBUG_CPU_TYPE={expected}, so MKL takes its AVX2 path" in result.stderr) == (expected is not None)
+    assert ("KMP_BLOCKTIME=0, so MKL's threads do not spin" in result.stderr) == (expected is not None)
 
 
 def test_a_greedy_chat_runs_under_the_chosen_setting(tiny_model_dir):
@@ -68,7 +73,7 @@ def test_a_greedy_chat_runs_under_the_chosen_setting(tiny_model_dir):
             "InternLMXComposer2Tokenizer as T\n"
             "m, t = M.from_pretrained(sys.argv[1]), T.from_pretrained(sys.argv[1])\n"
             "print(m.generate_ids(t, 'Hello', do_sample=False, max_new_tokens=8)[0])\n")
-    env = {k: v for k, v in os.environ.items() if k not in ("MKL_DEBUG_CPU_TYPE", "IXC2_CPU_TUNING")}
+    env = {k: v for k, v in os.environ.items() if k not in ("MKL_DEBUG_CPU_TYPE", "KMP_BLOCKTIME", "IXC2_CPU_TUNING")}
     tuned = subprocess.run([sys.executable, "-c", code, str(tiny_model_dir)], capture_output=True, text=True,
                            env=env, timeout=120)
     plain = subprocess.run([sys.executable, "-c", code, str(tiny_model_dir)], capture_output=True, text=True,

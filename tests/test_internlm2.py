@@ -199,9 +199,11 @@ def _decode(model, embeds, steps, attention_mask=None):
 
 
 @pytest.mark.parametrize("padded", [False, True])
-def test_fast_decode_step_is_bit_identical_to_the_layers(tiny_model, golden, monkeypatch, padded, norm_kernels):
+def test_fast_decode_step_is_bit_identical_to_the_layers(tiny_model, golden, monkeypatch, padded, norm_kernels,
+                                                         row_gemms):
     """The fused decode path (fast_decode) computes exactly what the decoder layers compute:
     one row without padding (host-built mask and rotation) and a left-padded batch, on each
+    single-row GEMM kernel (row_gemm: the unpadded row takes NumPy's when chosen) and each
     norm kernel this CPU can run (fused: residual adds folded into the norms), over enough steps to cross rotation tables, a cache capacity block and the NTK limit (the
     state kept in the cache between steps must stay right)."""
     import paddlemix.models.internlm_xcomposer2.internlm2 as internlm2
@@ -220,6 +222,8 @@ def test_fast_decode_step_is_bit_identical_to_the_layers(tiny_model, golden, mon
     fast_logits, fast_cache = _decode(tiny_model, embeds, steps, attention_mask)
     assert len(taken) == steps and fast_cache.fast_decode and fast_cache.capacity > BLOCK
     assert fast_cache.fast_decode.fused_norm == (norm_kernels == "fused")
+    hosted = [layer[i][2] is not None for layer in fast_cache.fast_decode.layers for i in (1, 2, 4, 5, 6)]
+    assert hosted and all(hosted) == (row_gemms == "numpy" and not padded) and any(hosted) == all(hosted)
     monkeypatch.setattr(internlm2, "can_decode_fast", lambda *a: False)
     slow_logits, slow_cache = _decode(tiny_model, embeds, steps, attention_mask)
     for fast, slow in zip(fast_logits, slow_logits):

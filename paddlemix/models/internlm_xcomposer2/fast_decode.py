@@ -15,6 +15,8 @@ the plain norm):
 * q, k and v are cut apart with ``split``, whose outputs are contiguous copies: a ``slice``
   is a strided view, and every kernel that reads a view (the cache write, the q·k matmul)
   first makes it contiguous in a hidden extra op (~4 µs each on CPU, measured);
+* a single row's linears run on the kernel :mod:`.row_gemm` picks (NumPy's BLAS on non-Intel
+  CPUs), each writing into an output tensor kept in the plan;
 * kernels are called directly (``_C_ops``, as PaddleNLP's own fused paths do), without the
   Python argument checking of the public wrappers; no PLoRA (generated tokens are text), no
   ``Layer.__call__`` per linear, and the weights are looked up once per generation
@@ -34,15 +36,17 @@ from paddle import _C_ops
 from .kernels import norm_weight_for, rms_norm, use_fused_norm
 from .kv_cache import KVCache
 from .plora import PLoRALinear
+from .row_gemm import RowOutput, host_gemm_for, row_matmul, weight_view
 
 __all__ = ["DecodePlan", "can_decode_fast", "decode_layers"]
 
 _LINEARS = (("attention", "wqkv"), ("attention", "wo"), ("feed_forward", "w1"), ("feed_forward", "w3"),
             ("feed_forward", "w2"))
 
-# (weight, bias or None) of a linear; a norm: (weight, eps, weight·sqrt(H) for the plain
+# (weight, bias or None, (NumPy view of the weight, output) when a single row goes to NumPy's BLAS
+# (row_gemm) or None) of a linear; a norm: (weight, eps, weight·sqrt(H) for the plain
 # kernel or None); a layer: attention norm, wqkv, wo, ffn norm, w1, w3, w2
-_Linear = Tuple[paddle.Tensor, Optional[paddle.Tensor]]
+_Linear = Tuple[paddle.Tensor, Optional[paddle.Tensor], Optional[Tuple[object, RowOutput]]]
 _Norm = Tuple[paddle.Tensor, float, Optional[paddle.Tensor]]
 _LayerWeights = Tuple[_Norm, _Linear, _Linear, _Norm, _Linear, _Linear, _Linear]
 
@@ -60,10 +64,12 @@ def _plain(layer: paddle.nn.Layer) -> bool:
 class DecodePlan:
     """The decoder's weights, head layout, norm epsilons and norm kernel, read once per generation
     (a cache serves one generation; the plain norm's ``weight·sqrt(H)`` is a copy, so a cache kept
-    across a weight update would decode with the old norm weights: start a new cache)."""
+    across a weight update would decode with the old norm weights: start a new cache). ``rows``:
+    the cache's batch size (a single row may take :mod:`.row_gemm`'s host kernel)."""
 
-    def __init__(self, layers: Sequence[paddle.nn.Layer], final_norm: paddle.nn.Layer) -> None:
+    def __init__(self, layers: Sequence[paddle.nn.Layer], final_norm: paddle.nn.Layer, rows: int) -> None:
         attention = layers[0]._sub_layers["attention"]
+        self.rows = rows
         self.num_kv_heads, self.head_dim = attention.num_kv_heads, attention.head_dim
         self.groups = attention.num_heads // attention.num_kv_heads
         self.fused_norm = use_fused_norm(final_norm._parameters["weight"])
@@ -80,7 +86,12 @@ class DecodePlan:
 
         def linear(part: str, name: str) -> _Linear:
             params = parts[part]._sub_layers[name]._parameters
-            return params["weight"], params.get("bias")
+            weight = params["weight"]
+            host = host_gemm_for(self.rows, weight.dtype, weight)  # decode runs without gradients
+            # one output tensor per linear, reused every step: each is consumed (copied by the next
+            # op: split, add, silu, multiply) before the same linear runs again
+            out = (weight_view(weight), RowOutput([self.rows, 1], weight.shape[1])) if host else None
+            return weight, params.get("bias"), out
 
         def norm(name: str) -> _Norm:
             return self._norm(parts[name])
@@ -98,13 +109,16 @@ def can_decode_fast(layers: Sequence[paddle.nn.Layer], final_norm: paddle.nn.Lay
             and rotation is not None and not paddle.is_grad_enabled()):
         return False
     if cache.fast_decode is None:
-        cache.fast_decode = DecodePlan(layers, final_norm) if all(_plain(layer) for layer in layers) else False
+        cache.fast_decode = DecodePlan(layers, final_norm, cache.batch_size) if all(_plain(layer) for layer in layers) else False
     return bool(cache.fast_decode)
 
 
 def _linear(x: paddle.Tensor, linear: _Linear) -> paddle.Tensor:
-    weight, bias = linear
-    y = _C_ops.matmul(x, weight, False, False)
+    weight, bias, host = linear
+    if host is None or x.dtype != paddle.float32:
+        y = _C_ops.matmul(x, weight, False, False)
+    else:
+        y = row_matmul(x, *host)
     return y if bias is None else _C_ops.add(y, bias)
 
 

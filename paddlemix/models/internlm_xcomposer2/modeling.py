@@ -27,6 +27,7 @@ from .internlm2 import InternLM2Model
 from .kv_cache import KVCache
 from .official_api import OfficialAPIMixin
 from .plora import ImageRows, PLoRALinear
+from .row_gemm import row_matmul, takes_host_gemm, weight_view
 from .vision import CLIPVisionTower, build_vision_projector
 
 __all__ = ["InternLMXComposer2PretrainedModel", "InternLMXComposer2ForCausalLM", "causal_lm_loss", "IGNORE_INDEX"]
@@ -211,12 +212,21 @@ class InternLMXComposer2ForCausalLM(ChatMixin, OfficialAPIMixin, InternLMXCompos
         else:
             if logits_to_keep and logits_to_keep < hidden.shape[1]:
                 hidden = hidden[:, -logits_to_keep:]
-            logits = self.output(hidden)
+            logits = self._head(hidden)
             logits = logits if logits.dtype == paddle.float32 else logits.astype("float32")
             loss = causal_lm_loss(logits, labels) if labels is not None else None
         if not return_dict:
             return tuple(v for v in (loss, logits, cache, all_hidden) if v is not None)
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache, hidden_states=all_hidden)
+
+    def _head(self, hidden: paddle.Tensor) -> paddle.Tensor:
+        """``self.output(hidden)``; a single row (a decode step) on :mod:`.row_gemm`'s kernel, as
+        the decoder's own linears, when the head is the plain bias-free linear it is built as."""
+        head = self.output
+        if (type(head) is nn.Linear and head.bias is None and not head._forward_pre_hooks
+                and not head._forward_post_hooks and takes_host_gemm(hidden, head.weight)):
+            return row_matmul(hidden, weight_view(head.weight))
+        return head(hidden)
 
     def _labelled_rows_loss(self, hidden: paddle.Tensor, labels: paddle.Tensor) -> paddle.Tensor:
         targets = shift_labels(labels).reshape([-1])

@@ -23,6 +23,8 @@ from typing import Optional
 import paddle
 import paddle.nn as nn
 
+from . import row_gemm
+
 __all__ = ["ImageRows", "PLoRALinear", "add_plora_branch"]
 
 
@@ -81,7 +83,7 @@ class PLoRALinear(nn.Layer):
         )
 
     def forward(self, x: paddle.Tensor, image_rows: Optional[ImageRows] = None) -> paddle.Tensor:
-        y = paddle.matmul(x, self.weight)
+        y = row_gemm.matmul(x, self.weight)  # a single row may take another kernel (see row_gemm)
         if self.bias is not None:
             y = y + self.bias
         return add_plora_branch(self, x, y, image_rows)
