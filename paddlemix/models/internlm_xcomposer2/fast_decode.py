@@ -109,7 +109,8 @@ def can_decode_fast(layers: Sequence[paddle.nn.Layer], final_norm: paddle.nn.Lay
             and rotation is not None and not paddle.is_grad_enabled()):
         return False
     if cache.fast_decode is None:
-        cache.fast_decode = DecodePlan(layers, final_norm, cache.batch_size) if all(_plain(layer) for layer in layers) else False
+        plain = all(_plain(layer) for layer in layers)
+        cache.fast_decode = DecodePlan(layers, final_norm, cache.batch_size) if plain else False
     return bool(cache.fast_decode)
 
 

@@ -33,14 +33,13 @@ from typing import Optional
 
 import numpy as np
 import paddle
-from paddle import _C_ops
 
 from ...cpu_env import cpu_info
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ROW_GEMMS", "ENV", "MIN_WEIGHT_BYTES", "choose_row_gemm", "row_gemm", "set_row_gemm", "host_gemm_for", "takes_host_gemm", "weight_view",
-           "RowOutput", "row_matmul", "matmul"]
+__all__ = ["ROW_GEMMS", "ENV", "MIN_WEIGHT_BYTES", "choose_row_gemm", "row_gemm", "set_row_gemm", "host_gemm_for",
+           "takes_host_gemm", "weight_view", "RowOutput", "row_matmul", "matmul"]
 
 ROW_GEMMS = ("paddle", "numpy")
 ENV = "IXC2_ROW_GEMM"
@@ -86,12 +85,15 @@ def set_row_gemm(choice: Optional[str], min_weight_bytes: int = MIN_WEIGHT_BYTES
 def host_gemm_for(rows: int, dtype: paddle.dtype, weight: paddle.Tensor) -> bool:
     """Whether ``rows`` rows of ``dtype`` times ``weight`` go to NumPy (gradients not asked about)."""
     return (rows == 1 and dtype == paddle.float32 and weight.dtype == paddle.float32 and weight.ndim == 2
-            and weight.shape[0] * weight.shape[1] * 4 >= _min_weight_bytes and weight.place.is_cpu_place()
+            and weight.shape[0] * weight.shape[1] * weight.element_size() >= _min_weight_bytes
+            and weight.place.is_cpu_place()
             and row_gemm() == "numpy")
 
 
 def takes_host_gemm(x: paddle.Tensor, weight: paddle.Tensor) -> bool:
     """Whether ``x @ weight`` goes to NumPy: one row, float32 on a CPU, no gradient wanted."""
+    if not paddle.in_dynamic_mode():  # a static graph (to_static) keeps Paddle's op
+        return False
     no_graph = not paddle.is_grad_enabled() or (x.stop_gradient and weight.stop_gradient)
     return no_graph and x.ndim > 0 and host_gemm_for(math.prod(x.shape[:-1]), x.dtype, weight)
 
@@ -121,4 +123,4 @@ def matmul(x: paddle.Tensor, weight: paddle.Tensor) -> paddle.Tensor:
     """``x @ weight`` on the kernel :func:`takes_host_gemm` picks (Paddle's otherwise)."""
     if takes_host_gemm(x, weight):
         return row_matmul(x, weight_view(weight))
-    return _C_ops.matmul(x, weight, False, False)
+    return paddle.matmul(x, weight)
