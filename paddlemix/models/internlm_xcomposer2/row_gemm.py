@@ -6,8 +6,8 @@ MKL bundled in Paddle's wheel does this badly even on its AVX2 path
 (``MKL_DEBUG_CPU_TYPE=5``, see ``paddlemix/cpu_env.py``): measured on an AMD EPYC (Zen 3,
 2 vCPUs, 2 threads), the 8 layers' GEMVs of the bench model (378 MB of weights) take 29 ms
 with Paddle's ``matmul`` and 17.7 ms with NumPy's OpenBLAS on the same weights, and image
-chat decodes 0–23 % faster end to end in interleaved runs (median ≈ 15 %; ``benchmarks/README.md``). On Intel, MKL is the faster
-one and stays.
+chat decodes 0–23 % faster end to end in interleaved runs (median ≈ 15 %;
+``benchmarks/README.md``). On Intel, MKL is the faster one and stays.
 
 So on a non-Intel CPU, a float32 single-row product without gradients goes to NumPy: the
 weight is read in place (a zero-copy DLPack view of the Paddle tensor) and the result is
