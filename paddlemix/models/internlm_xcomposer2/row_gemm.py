@@ -49,13 +49,17 @@ _min_weight_bytes = MIN_WEIGHT_BYTES
 _FLOAT_P = ctypes.POINTER(ctypes.c_float)
 
 
+def _checked(choice: str, what: str) -> str:
+    if choice not in ROW_GEMMS:
+        raise ValueError(f"{what}: expected one of {', '.join(ROW_GEMMS)}")
+    return choice
+
+
 def choose_row_gemm(vendor: str, env_value: Optional[str] = None) -> str:
     """The row kernel for a CPU vendor (``/proc/cpuinfo``'s ``vendor_id``), unless ``env_value``
     (``$IXC2_ROW_GEMM``) names one: Paddle's on Intel (or unknown), NumPy's elsewhere."""
     if env_value:
-        if env_value not in ROW_GEMMS:
-            raise ValueError(f"{ENV}={env_value!r}: expected one of {', '.join(ROW_GEMMS)}")
-        return env_value
+        return _checked(env_value, f"{ENV}={env_value!r}")
     return "paddle" if not vendor or vendor == "GenuineIntel" else "numpy"
 
 
@@ -77,9 +81,8 @@ def set_row_gemm(choice: Optional[str], min_weight_bytes: int = MIN_WEIGHT_BYTES
     """Force ``"paddle"``/``"numpy"`` for this process, or ``None`` to decide from the CPU again;
     ``min_weight_bytes``: the smallest weight NumPy's kernel takes (0: every one, as tests do)."""
     global _forced, _min_weight_bytes
-    if choice is not None and choice not in ROW_GEMMS:
-        raise ValueError(f"row GEMM {choice!r}: expected one of {', '.join(ROW_GEMMS)}")
-    _forced, _min_weight_bytes = choice, min_weight_bytes
+    _forced = None if choice is None else _checked(choice, f"row GEMM {choice!r}")
+    _min_weight_bytes = min_weight_bytes
 
 
 def host_gemm_for(rows: int, dtype: paddle.dtype, weight: paddle.Tensor) -> bool:
