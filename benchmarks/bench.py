@@ -93,14 +93,18 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def cpu_kind() -> str:
-    """The results folder of this CPU: vendor, model and AVX-512 or not (e.g. ``amd-epyc-avx2``)."""
+    """The results folder of this CPU: vendor, model, ISA (e.g. ``amd-epyc-7763-avx2``); where the
+    model name carries no model number (VMs show "AMD EPYC", "Intel(R) Xeon(R) Processor"), the
+    CPU family and model instead (``amd-epyc-25-1-avx2``): two generations must not share one."""
     info = cpu_info()
     vendor = {"GenuineIntel": "intel", "AuthenticAMD": "amd"}.get(str(info.get("vendor")), "cpu")
     words = [w for w in str(info.get("model", "")).lower().replace("(r)", "").replace("(tm)", "").split()
              if w not in ("intel", "amd", "processor", "cpu", "core") and w.replace("-", "").isalnum()
-             and not w.endswith("ghz")]
+             and not w.endswith("ghz")][:2]
+    if not any(c.isdigit() for c in "".join(words)) and info.get("family_model"):
+        words.append(str(info["family_model"]))
     isa = "avx512" if "avx512f" in info.get("flags", frozenset()) else "avx2"
-    return "-".join([vendor, *words[:2], isa] + (["mkl-default"] if MKL_DEFAULT else [])
+    return "-".join([vendor, *words, isa] + (["mkl-default"] if MKL_DEFAULT else [])
                     + (["plain-kernels"] if PLAIN_KERNELS else []))
 
 

@@ -38,8 +38,9 @@ applied: Dict[str, str] = {}  # what configure_cpu_environment set in this proce
 
 
 def cpu_info(path: str = CPUINFO) -> Dict[str, object]:
-    """``{"vendor", "model", "flags"}`` of the first CPU in ``/proc/cpuinfo`` (empty where the
-    file does not exist, e.g. not on Linux)."""
+    """``{"vendor", "model", "family_model", "flags"}`` of the first CPU in ``/proc/cpuinfo``
+    (empty where the file does not exist, e.g. not on Linux); ``family_model`` e.g. ``"25-1"``
+    (a VM's model name, "AMD EPYC", often hides which generation it is)."""
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
             text = f.read().split("\n\n")[0]
@@ -47,8 +48,9 @@ def cpu_info(path: str = CPUINFO) -> Dict[str, object]:
         return {}
     fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
     fields = {k.strip(): v.strip() for k, v in fields.items()}
+    family_model = "-".join(fields[k] for k in ("cpu family", "model") if fields.get(k))
     return {"vendor": fields.get("vendor_id", ""), "model": fields.get("model name", ""),
-            "flags": frozenset(fields.get("flags", "").split())}
+            "family_model": family_model, "flags": frozenset(fields.get("flags", "").split())}
 
 
 def mkl_cpu_type(vendor: str, flags: FrozenSet[str]) -> Optional[str]:
