@@ -42,9 +42,10 @@ def test_the_users_environment_wins():
 
 def test_cpuinfo_is_read_from_the_first_cpu(tmp_path):
     path = tmp_path / "cpuinfo"
-    path.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 7B13\nflags\t\t: fpu avx2 fma\n\n"
+    path.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 1\n"
+                    "model name\t: AMD EPYC 7B13\nflags\t\t: fpu avx2 fma\n\n"
                     "processor\t: 1\nvendor_id\t: Other\n", encoding="utf-8")
-    assert cpu_env.cpu_info(str(path)) == {"vendor": "AuthenticAMD", "model": "AMD EPYC 7B13",
+    assert cpu_env.cpu_info(str(path)) == {"vendor": "AuthenticAMD", "model": "AMD EPYC 7B13", "family_model": "25-1",
                                            "flags": frozenset({"fpu", "avx2", "fma"})}
     assert cpu_env.cpu_info(str(tmp_path / "missing")) == {}
 
