@@ -104,6 +104,31 @@ def test_batch_chat_equals_one_by_one(model, tokenizer, tiny_dir, golden_json):
         assert history == [(query, single)]
 
 
+def test_rows_prefilled_alone_start_exactly_as_chat(model, tokenizer, tiny_dir, golden_json):
+    """``generate_rows`` (the server's and ``batch_chat``'s path): each row's first scores are
+    bit-identical to its prompt generated alone, and the greedy tokens equal, for prompts of
+    different lengths, with and without images."""
+    from paddlemix.models.internlm_xcomposer2.generation import generate_rows, generate_tokens, seen_ids
+    from paddlemix.models.internlm_xcomposer2.processor import DEFAULT_META_INSTRUCTION
+
+    prompts = [(golden_json["chat"]["query"], [str(tiny_dir / "img1.png")]), ("Hi", []),
+               ("<ImageHere>What is this?", [str(tiny_dir / "img2.png")])]
+    rows = [model._chat_inputs(tokenizer, q, images, [], DEFAULT_META_INSTRUCTION) for q, images in prompts]
+    assert len({embeds.shape[1] for _, embeds, _ in rows}) == 3
+    prefixes = [model._official_prefix(tokenizer, layout) for layout, _, _ in rows]
+    settings = model._settings(tokenizer, max_new_tokens=8, do_sample=False)
+    together = list(generate_rows(model, [(e, m) for _, e, m in rows], settings, seen_ids(prefixes),
+                                  output_scores=True))
+    eos = set(settings.eos_token_ids)
+    for i, ((_, embeds, im_mask), prefix) in enumerate(zip(rows, prefixes)):
+        alone = list(generate_tokens(model, embeds, settings, seen_ids([prefix]), im_mask=im_mask,
+                                     output_scores=True))
+        np.testing.assert_array_equal(together[0][1].numpy()[i], alone[0][1].numpy()[0])
+        ids = [int(step[0][0]) for step in alone]
+        assert [int(step[0][i]) for step in together][: len(ids)] == ids
+        assert ids[-1] in eos or len(ids) == settings.max_new_tokens
+
+
 def test_multi_image_chat(model, tokenizer, tiny_dir):
     images = [str(tiny_dir / "img1.png"), str(tiny_dir / "img2.png")]
     a, _ = model.chat(tokenizer, "<ImageHere><ImageHere>Compare.", image=images, do_sample=False, max_new_tokens=4)

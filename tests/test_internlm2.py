@@ -111,6 +111,30 @@ def test_kv_cache_grows_by_blocks_and_keeps_contents():
     assert not cache.keys[0][:, :, BLOCK - 1 :].numpy().any()
 
 
+def test_single_row_caches_stack_left_padded():
+    """Each row's prompt ends at the longest one's end; the left padding and the free tail are zeros."""
+    caches, prompts = [], []
+    for length in (3, 5):
+        cache = KVCache(2, 1, 2, 4)
+        keys = [paddle.randn([1, 2, length, 4]) for _ in range(2)]
+        for layer, k in enumerate(keys):
+            cache.update(layer, k, -k)
+        cache.commit(length)
+        caches.append(cache)
+        prompts.append(keys)
+    stacked = KVCache.stack_left_padded(caches)
+    assert (stacked.batch_size, stacked.length) == (2, 5) and stacked.capacity > 5
+    for layer in range(2):
+        keys, values = stacked.keys[layer].numpy(), stacked.values[layer].numpy()
+        assert keys.shape == (2, 2, stacked.capacity, 4)
+        np.testing.assert_array_equal(keys[0, :, 2:5], prompts[0][layer].numpy()[0])
+        np.testing.assert_array_equal(keys[1, :, :5], prompts[1][layer].numpy()[0])
+        np.testing.assert_array_equal(values[1, :, :5], -prompts[1][layer].numpy()[0])
+        assert not keys[0, :, :2].any() and not keys[:, :, 5:].any() and not values[:, :, 5:].any()
+    with pytest.raises(ValueError, match="single-row"):
+        KVCache.stack_left_padded([stacked])
+
+
 @pytest.mark.parametrize("use_image", [False, True])
 def test_cached_decoding_equals_full_recomputation(tiny_model, golden, use_image):
     """Prefill then one token at a time through the cache == one full forward, every step."""

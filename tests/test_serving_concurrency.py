@@ -179,7 +179,7 @@ def test_full_queue_answers_429_at_once_and_loses_nothing(server):
 def test_mid_stream_failure_sends_an_error_chunk_then_done(server, monkeypatch):
     from paddlemix.serving import engine as engine_module
 
-    real = engine_module.generate_tokens
+    real = engine_module.generate_rows
 
     def failing(*args: Any, **kwargs: Any):
         for step, item in enumerate(real(*args, **kwargs)):
@@ -187,7 +187,7 @@ def test_mid_stream_failure_sends_an_error_chunk_then_done(server, monkeypatch):
                 raise RuntimeError("device lost")
             yield item
 
-    monkeypatch.setattr(engine_module, "generate_tokens", failing)
+    monkeypatch.setattr(engine_module, "generate_rows", failing)
     body = {"model": server["name"], "stream": True, "max_tokens": 10, "temperature": 0,
             "messages": [{"role": "user", "content": "Hi"}]}
     with httpx.stream("POST", server["url"] + "/v1/chat/completions", json=body,
@@ -201,7 +201,7 @@ def test_mid_stream_failure_sends_an_error_chunk_then_done(server, monkeypatch):
     with pytest.raises(openai.APIError, match="device lost"):  # the official client raises it
         list(make_client(server, timeout=60).chat.completions.create(
             model=server["name"], messages=body["messages"], max_tokens=10, temperature=0, stream=True))
-    monkeypatch.setattr(engine_module, "generate_tokens", real)
+    monkeypatch.setattr(engine_module, "generate_rows", real)
     reply = make_client(server, timeout=60).chat.completions.create(model=server["name"], messages=body["messages"],
                                                                     max_tokens=3, temperature=0)
     assert reply.choices[0].message.content is not None  # the server goes on serving

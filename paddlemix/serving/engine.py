@@ -1,11 +1,12 @@
 """The batcher: one worker thread owns the model and decodes waiting requests together.
 
-Requests that arrive together share one generation (``generate_tokens`` over left-padded
-prompts: the path of ``batch_chat``, whose greedy results equal ``chat`` one by one), so a
-CPU step reads the weights once for the whole batch instead of once per client::
+Requests that arrive together share one generation (``generate_rows``: each prompt prefilled
+alone, then the rows decoded together as a left-padded batch, the path of ``batch_chat``, whose
+greedy results equal ``chat`` one by one), so a CPU decode step reads the weights once for the
+whole batch instead of once per client::
 
     handler ──submit──▶ waiting (≤ max_queue, else 429) ──worker──▶ batch of ≤ max_batch_size
-       ▲                                                              │ one generate_tokens
+       ▲                                                              │ one generate_rows
        └──────── channel: TextDelta … Finished | Failed ◀─────────────┘ rows stop on their own
 
 A batch is formed from what is waiting when the worker is free: the oldest request and every
@@ -26,7 +27,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 from PIL import Image
 
 from paddlemix.models.internlm_xcomposer2.beam_search import SearchStopped
-from paddlemix.models.internlm_xcomposer2.generation import generate_tokens, seeded, seen_ids
+from paddlemix.models.internlm_xcomposer2.generation import generate_rows, seeded, seen_ids
 from paddlemix.models.internlm_xcomposer2.processor import InternLMXComposer2Processor
 from paddlemix.models.internlm_xcomposer2.textstream import IncrementalText
 
@@ -270,10 +271,6 @@ class Engine:
         if jobs[0].sampling.num_beams > 1:  # alone in its batch (batch_key)
             self._run_beams(jobs[0], rows[0])
             return
-        if len(rows) == 1:  # exactly chat()'s inputs: no padding, no attention mask
-            embeds, im_mask, attention_mask = rows[0][1], rows[0][2], None
-        else:
-            embeds, im_mask, attention_mask = model._left_pad(tok, rows)
         seen = seen_ids([model._official_prefix(tok, layout) for layout, _, _ in rows])
         settings = model._settings(tok, **jobs[0].sampling.generation_kwargs(max(j.sampling.max_tokens for j in jobs)))
         states = [_Row(job, tok, set(settings.eos_token_ids)) for job in jobs]
@@ -282,7 +279,8 @@ class Engine:
         held: Optional[List[Tuple[Job, Finished]]] = [] if settings.seed is not None else None
         try:
             with seeded(settings.seed):
-                steps = generate_tokens(model, embeds, settings, seen, im_mask=im_mask, attention_mask=attention_mask)
+                # each prompt prefilled alone (exactly chat()'s forward), then decoded together
+                steps = generate_rows(model, [(embeds, im_mask) for _, embeds, im_mask in rows], settings, seen)
                 try:
                     self._decode(steps, states, held)
                 finally:

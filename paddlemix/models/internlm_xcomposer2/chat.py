@@ -1,6 +1,6 @@
 """``chat``, ``stream_chat`` and ``batch_chat`` with the official names, defaults and prompts.
 
-All three consume :func:`~.generation.generate_tokens`: image and text-only prompts
+All three consume :func:`~.generation.generate_tokens` (``batch_chat``: ``generate_rows``): image and text-only prompts
 alike run a prefill and then one cached step per token (the official text-only path
 recomputes the whole sequence at every step).
 """
@@ -12,7 +12,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import numpy as np
 import paddle
 
-from .generation import GenerationSettings, generate_tokens, seeded, seen_ids
+from .generation import GenerationSettings, generate_rows, generate_tokens, seeded, seen_ids
 from .processor import DEFAULT_META_INSTRUCTION, Layout, InternLMXComposer2Processor
 from .tokenizer import IM_END_TOKEN
 
@@ -221,9 +221,9 @@ class ChatMixin:
                    do_sample: bool = True, temperature: float = 1.0, top_p: float = 0.8, top_k: Optional[int] = None,
                    repetition_penalty: float = 1.005, meta_instruction: str = DEFAULT_META_INSTRUCTION,
                    seed: Optional[int] = None) -> List[Tuple[str, History]]:
-        """Several independent chats in one batched generation: prompts left-padded, a
-        per-row attention mask and positions, each row stopping at its own EOS. Greedy
-        results equal calling :meth:`chat` on each prompt alone."""
+        """Several independent chats in one batched generation: each prompt prefilled alone, then
+        the rows decoded together (left-padded, a per-row attention mask and positions), each row
+        stopping at its own EOS. Greedy results equal calling :meth:`chat` on each prompt alone."""
         n = len(queries)
         images = list(images) if images is not None else [None] * n
         histories = [check_history(h) for h in (histories or [None] * n)]
@@ -234,32 +234,15 @@ class ChatMixin:
                                   repetition_penalty=repetition_penalty, seed=seed)
         rows = [self._chat_inputs(tokenizer, q, as_image_list(img), h, meta_instruction)
                 for q, img, h in zip(queries, images, histories)]
-        embeds, im_mask, attention_mask = self._left_pad(tokenizer, rows)
         seen = seen_ids([self._official_prefix(tokenizer, layout) for layout, _, _ in rows])
         new_ids: List[List[int]] = [[] for _ in range(n)]
         done = [False] * n
         eos = set(settings.eos_token_ids)
         with seeded(settings.seed):
-            for tokens, _ in generate_tokens(self, embeds, settings, seen, im_mask=im_mask,
-                                             attention_mask=attention_mask):
+            for tokens, _ in generate_rows(self, [(embeds, im_mask) for _, embeds, im_mask in rows], settings, seen):
                 for i, token in enumerate(tokens.tolist()):
                     if not done[i]:
                         new_ids[i].append(token)
                         done[i] = token in eos
         responses = [self._response(tokenizer, ids) for ids in new_ids]
         return [(r, h + [(q, r)]) for r, h, q in zip(responses, histories, queries)]
-
-    def _left_pad(self, tokenizer, rows) -> Tuple[paddle.Tensor, Optional[paddle.Tensor], paddle.Tensor]:
-        """Stack per-prompt embeddings ``[1, T_i, H]`` into ``[n, T, H]``, padding on the left."""
-        longest = max(embeds.shape[1] for _, embeds, _ in rows)
-        pad_embed = self.model.embed(paddle.to_tensor([[tokenizer.pad_token_id]], dtype="int64"))
-        all_embeds, masks, attn = [], [], []
-        for layout, embeds, im_mask in rows:
-            missing = longest - embeds.shape[1]
-            all_embeds.append(paddle.concat([pad_embed.expand([1, missing, embeds.shape[2]]), embeds], 1))
-            row_mask = im_mask if im_mask is not None else paddle.zeros([1, embeds.shape[1]], dtype="bool")
-            masks.append(paddle.concat([paddle.zeros([1, missing], dtype="bool"), row_mask], 1))
-            attn.append([0] * missing + [1] * embeds.shape[1])
-        any_image = any(im_mask is not None for _, _, im_mask in rows)
-        return (paddle.concat(all_embeds), paddle.concat(masks) if any_image else None,
-                paddle.to_tensor(attn, dtype="int64"))

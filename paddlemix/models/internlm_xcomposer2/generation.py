@@ -24,6 +24,7 @@ __all__ = [
     "apply_top_p",
     "choose_greedy_on_host",
     "process_scores",
+    "generate_rows",
     "generate_tokens",
     "real_positions",
     "seen_ids",
@@ -155,14 +156,59 @@ def generate_tokens(
     cfg = model.config
     cache = KVCache(cfg.num_hidden_layers, b, cfg.num_key_value_heads, cfg.head_dim, t + 1, inputs_embeds.dtype)
     positions = None if attention_mask is None else real_positions(attention_mask)
-    eos = np.asarray(list(settings.eos_token_ids), dtype=np.int64)
-    finished = np.zeros([b], dtype=bool)
-    # a greedy CPU generation penalises and chooses in numpy (the logits go to the host anyway)
-    on_host = not settings.do_sample and not output_scores and inputs_embeds.place.is_cpu_place()
-    seen_host = seen.numpy() if on_host else None
     with paddle.no_grad():
         logits = model(inputs_embeds=inputs_embeds, im_mask=im_mask, attention_mask=attention_mask,
                        position_ids=positions, past_key_values=cache, logits_to_keep=1).logits
+    yield from _continue(model, logits, cache, attention_mask, positions, settings, seen, output_scores)
+
+
+def generate_rows(
+    model,
+    rows: Sequence[Tuple[paddle.Tensor, Optional[paddle.Tensor]]],
+    settings: GenerationSettings,
+    seen: paddle.Tensor,
+    output_scores: bool = False,
+) -> Iterator[Tuple[np.ndarray, Optional[paddle.Tensor]]]:
+    """:func:`generate_tokens` for several prompts ``rows`` (each ``(embeds [1, T_i, H], im_mask
+    [1, T_i] or None)``): each prompt prefilled on its own, then the rows decoded together as one
+    left-padded batch (a per-row attention mask and positions, as a left-padded prefill would
+    leave them). No padding position runs through the model, and each row's first token comes from
+    exactly the forward ``chat()`` runs for that prompt alone. One row: :func:`generate_tokens`."""
+    if len(rows) == 1:  # chat()'s own path: no cache copy, no attention mask
+        yield from generate_tokens(model, rows[0][0], settings, seen, im_mask=rows[0][1], output_scores=output_scores)
+        return
+    settings.validate()
+    cfg = model.config
+    caches, last_logits = [], []
+    with paddle.no_grad():
+        for embeds, im_mask in rows:
+            cache = KVCache(cfg.num_hidden_layers, 1, cfg.num_key_value_heads, cfg.head_dim, embeds.shape[1] + 1,
+                            embeds.dtype)
+            last_logits.append(model(inputs_embeds=embeds, im_mask=im_mask, past_key_values=cache,
+                                     logits_to_keep=1).logits)
+            caches.append(cache)
+        cache = KVCache.stack_left_padded(caches)
+    del caches
+    lengths = [int(embeds.shape[1]) for embeds, _ in rows]
+    attention_mask = paddle.to_tensor([[0] * (cache.length - n) + [1] * n for n in lengths], dtype="int64")
+    positions = paddle.to_tensor([[n - 1] for n in lengths], dtype="int64")  # each row's last real position
+    logits = paddle.concat(last_logits)
+    yield from _continue(model, logits, cache, attention_mask, positions, settings, seen, output_scores)
+
+
+def _continue(model, logits: paddle.Tensor, cache: KVCache, attention_mask: Optional[paddle.Tensor],
+              positions: Optional[paddle.Tensor], settings: GenerationSettings, seen: paddle.Tensor,
+              output_scores: bool) -> Iterator[Tuple[np.ndarray, Optional[paddle.Tensor]]]:
+    """The decode loop after a prefill: ``logits`` ``[b, 1, V]`` of each row's last prompt position,
+    ``cache`` holding the prompts, ``attention_mask`` ``[b, T]`` (left padding) and ``positions``
+    (whose last column is each row's last position) or both ``None``."""
+    b = logits.shape[0]
+    eos = np.asarray(list(settings.eos_token_ids), dtype=np.int64)
+    finished = np.zeros([b], dtype=bool)
+    # a greedy CPU generation penalises and chooses in numpy (the logits go to the host anyway)
+    on_host = not settings.do_sample and not output_scores and logits.place.is_cpu_place()
+    seen_host = seen.numpy() if on_host else None
+    with paddle.no_grad():
         for step in range(settings.max_new_tokens):
             if on_host:
                 scores = None

@@ -13,7 +13,7 @@ to the next instead of rebuilding it every time: the fused-path decision and wei
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import paddle
 
@@ -59,8 +59,31 @@ class KVCache:
                     store[i] = paddle.concat([buf, self._zeros(grow)], axis=2)
         self.capacity += grow
 
-    def _zeros(self, positions: int) -> paddle.Tensor:
-        return paddle.zeros([self.batch_size, self.num_kv_heads, positions, self.head_dim], dtype=self.dtype)
+    def _zeros(self, positions: int, rows: Optional[int] = None) -> paddle.Tensor:
+        rows = self.batch_size if rows is None else rows
+        return paddle.zeros([rows, self.num_kv_heads, positions, self.head_dim], dtype=self.dtype)
+
+    @classmethod
+    def stack_left_padded(cls, caches: Sequence["KVCache"]) -> "KVCache":
+        """One cache whose row ``i`` holds the single-row cache ``caches[i]`` (every layer written),
+        each moved right so that all end at the longest one's length: row ``i`` is left-padded by
+        ``longest - caches[i].length`` zero positions, which an attention mask must hide (the
+        layout of a left-padded batch prefill). One free position is kept for the next token."""
+        if not caches or any(c.batch_size != 1 or any(k is None for k in c.keys) for c in caches):
+            raise ValueError("stack_left_padded takes single-row caches whose every layer holds the prompt")
+        first = caches[0]
+        longest = max(c.length for c in caches)
+        out = cls(first.num_layers, len(caches), first.num_kv_heads, first.head_dim, longest + 1, first.dtype)
+        for source, target in (("keys", out.keys), ("values", out.values)):
+            for layer in range(out.num_layers):
+                rows = []
+                for cache in caches:
+                    written = getattr(cache, source)[layer][:, :, : cache.length]
+                    parts = [out._zeros(longest - cache.length, 1)] if cache.length < longest else []
+                    rows.append(paddle.concat(parts + [written, out._zeros(out.capacity - longest, 1)], axis=2))
+                target[layer] = paddle.concat(rows, axis=0)
+        out.length = longest
+        return out
 
     def update(self, layer: int, key: paddle.Tensor, value: paddle.Tensor) -> Tuple[paddle.Tensor, paddle.Tensor]:
         """Store ``key``/``value`` ``[b, nkv, t, hd]`` after the committed prefix; return what
