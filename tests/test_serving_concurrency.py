@@ -329,3 +329,39 @@ def test_a_row_that_finished_gets_its_answer_when_a_later_row_of_the_step_fails(
         assert isinstance(failed, Failed) and "row failure" in failed.error.message
     finally:
         engine.stop()
+
+
+def test_each_row_streams_its_first_token_as_its_own_prefill_ends(server, monkeypatch):
+    """Rows of one batch are prefilled one after another; each row's first token is fed to its
+    request (streamed, unless it may be the start of a stop string) before the next row's prefill
+    starts, not when the whole batch has been prefilled."""
+    from paddlemix.serving.channels import Finished, TextDelta
+    from paddlemix.serving.engine import Engine
+
+    engine = Engine(server["model"], server["tokenizer"], batch_wait=2.0, max_batch_size=3)
+    jobs = [engine_job(engine, 4, stream=True, text=text) for text in ("Hi", "Tell me a joke.", "Hello there")]
+    seen_when_prefilling: List[int] = []  # per prefill: how many rows had their first token by then
+    model = server["model"]
+    forward = type(model).forward
+
+    def counting(self, *args: Any, **kwargs: Any):
+        if kwargs.get("inputs_embeds") is not None:  # a prefill (decode steps pass input_ids)
+            seen_when_prefilling.append(sum(job.first_token is not None for job in jobs))
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "forward", counting)
+    engine.start()
+    try:
+        for job in jobs:
+            engine.submit(job)
+        events = [[job.channel.get(timeout=60)] for job in jobs]
+        for job, got in zip(jobs, events):
+            while not isinstance(got[-1], Finished):
+                got.append(job.channel.get(timeout=60))
+    finally:
+        engine.stop()
+    assert [job.batch_size for job in jobs] == [3, 3, 3]
+    assert seen_when_prefilling == [0, 1, 2]
+    assert [job.first_token for job in jobs] == sorted(job.first_token for job in jobs)
+    for job, got in zip(jobs, events):  # the text equals the non-streamed answer of the same request
+        assert "".join(e.text for e in got if isinstance(e, TextDelta)) == got[-1].content

@@ -279,10 +279,18 @@ class Engine:
         held: Optional[List[Tuple[Job, Finished]]] = [] if settings.seed is not None else None
         try:
             with seeded(settings.seed):
-                # each prompt prefilled alone (exactly chat()'s forward), then decoded together
-                steps = generate_rows(model, [(embeds, im_mask) for _, embeds, im_mask in rows], settings, seen)
+                # each prompt prefilled alone (exactly chat()'s forward), its first token streamed at
+                # once, then the rows decoded together
+                early: Dict[int, int] = {}
+
+                def first_token(row: int, token: int) -> None:
+                    early[row] = token
+                    self._step([states[row]], [token], time.perf_counter(), held)
+
+                steps = generate_rows(model, [(embeds, im_mask) for _, embeds, im_mask in rows], settings, seen,
+                                      on_first=first_token)
                 try:
-                    self._decode(steps, states, held)
+                    self._decode(steps, states, held, early)
                 finally:
                     steps.close()  # stops the work of rows nobody waits for
         finally:  # rows that finished get their answer even if a later step failed (the others fail)
@@ -319,8 +327,11 @@ class Engine:
         self._finish(row, reason or "length", outbox)
         deliver(outbox)
 
-    def _decode(self, steps, states: List[_Row], held: Optional[List[Tuple[Job, Finished]]]) -> None:
-        """Feed every step's ids to the rows until none is still wanted; times model vs host work."""
+    def _decode(self, steps, states: List[_Row], held: Optional[List[Tuple[Job, Finished]]],
+                early: Dict[int, int]) -> None:
+        """Feed every step's ids to the rows until none is still wanted; times model vs host work.
+        ``early``: the rows whose first id was already fed (as its prefill ended); the first step
+        skips them."""
         times = {"prefill": 0.0, "model": 0.0, "host": 0.0}
         count = 0
         mark = time.perf_counter()
@@ -329,7 +340,12 @@ class Engine:
                 now = time.perf_counter()
                 times["model" if count else "prefill"] += now - mark
                 count += 1
-                self._step(states, tokens.tolist(), now, held)
+                ids = tokens.tolist()
+                if count == 1 and early:
+                    fresh = [i for i in range(len(states)) if i not in early]
+                    self._step([states[i] for i in fresh], [ids[i] for i in fresh], now, held)
+                else:
+                    self._step(states, ids, now, held)
                 mark = time.perf_counter()
                 times["host"] += mark - now
                 if not any(row.active for row in states):

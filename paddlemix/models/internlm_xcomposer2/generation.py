@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence, Tuple
+from typing import Callable, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 import paddle
@@ -168,54 +168,78 @@ def generate_rows(
     settings: GenerationSettings,
     seen: paddle.Tensor,
     output_scores: bool = False,
+    on_first: Optional[Callable[[int, int], None]] = None,
 ) -> Iterator[Tuple[np.ndarray, Optional[paddle.Tensor]]]:
     """:func:`generate_tokens` for several prompts ``rows`` (each ``(embeds [1, T_i, H], im_mask
     [1, T_i] or None)``): each prompt prefilled on its own, then the rows decoded together as one
     left-padded batch (a per-row attention mask and positions, as a left-padded prefill would
     leave them). No padding position runs through the model, and each row's first token comes from
-    exactly the forward ``chat()`` runs for that prompt alone. One row: :func:`generate_tokens`."""
+    exactly the forward ``chat()`` runs for that prompt alone. Each row's first token is chosen as
+    soon as its prompt is prefilled, and ``on_first(row, token)``, if given, hears of it then (a
+    server streams it before the next prompt's prefill); the first yield repeats them for every row.
+    Sampled rows draw their first token one row at a time. One row: :func:`generate_tokens`."""
     if len(rows) == 1:  # chat()'s own path: no cache copy, no attention mask
         yield from generate_tokens(model, rows[0][0], settings, seen, im_mask=rows[0][1], output_scores=output_scores)
         return
     settings.validate()
     cfg = model.config
-    caches, last_logits = [], []
+    on_host = _chooses_on_host(settings, output_scores, rows[0][0])
+    seen_host = seen.numpy() if on_host else None
+    caches, firsts, first_scores = [], [], []
     with paddle.no_grad():
-        for embeds, im_mask in rows:
+        for i, (embeds, im_mask) in enumerate(rows):
             cache = KVCache(cfg.num_hidden_layers, 1, cfg.num_key_value_heads, cfg.head_dim, embeds.shape[1] + 1,
                             embeds.dtype)
-            last_logits.append(model(inputs_embeds=embeds, im_mask=im_mask, past_key_values=cache,
-                                     logits_to_keep=1).logits)
+            logits = model(inputs_embeds=embeds, im_mask=im_mask, past_key_values=cache, logits_to_keep=1).logits
             caches.append(cache)
+            chosen, scores = _pick(logits, seen[i : i + 1], None if seen_host is None else seen_host[i : i + 1],
+                                   settings, on_host)
+            firsts.append(chosen)
+            first_scores.append(scores)
+            if on_first is not None:
+                on_first(i, int(chosen[0]))
         cache = KVCache.stack_left_padded(caches)
     del caches
     lengths = [int(embeds.shape[1]) for embeds, _ in rows]
     attention_mask = paddle.to_tensor([[0] * (cache.length - n) + [1] * n for n in lengths], dtype="int64")
     positions = paddle.to_tensor([[n - 1] for n in lengths], dtype="int64")  # each row's last real position
-    logits = paddle.concat(last_logits)
-    yield from _continue(model, logits, cache, attention_mask, positions, settings, seen, output_scores)
+    first = (np.concatenate(firsts), paddle.concat(first_scores) if output_scores else None)
+    yield from _continue(model, None, cache, attention_mask, positions, settings, seen, output_scores, first)
 
 
-def _continue(model, logits: paddle.Tensor, cache: KVCache, attention_mask: Optional[paddle.Tensor],
+def _chooses_on_host(settings: GenerationSettings, output_scores: bool, like: paddle.Tensor) -> bool:
+    """A greedy CPU generation penalises and chooses in numpy (the logits go to the host anyway)."""
+    return not settings.do_sample and not output_scores and like.place.is_cpu_place()
+
+
+def _pick(logits: paddle.Tensor, seen: paddle.Tensor, seen_host: Optional[np.ndarray], settings: GenerationSettings,
+          on_host: bool) -> Tuple[np.ndarray, Optional[paddle.Tensor]]:
+    """The next ids ``[b]`` from the last logits ``[b, 1, V]`` and, off the host path, their scores."""
+    if on_host:
+        return choose_greedy_on_host(logits.numpy()[:, -1], seen_host, settings.repetition_penalty), None
+    scores = process_scores(logits[:, -1], seen, settings)
+    return _choose(scores, settings), scores
+
+
+def _continue(model, logits: Optional[paddle.Tensor], cache: KVCache, attention_mask: Optional[paddle.Tensor],
               positions: Optional[paddle.Tensor], settings: GenerationSettings, seen: paddle.Tensor,
-              output_scores: bool) -> Iterator[Tuple[np.ndarray, Optional[paddle.Tensor]]]:
-    """The decode loop after a prefill: ``logits`` ``[b, 1, V]`` of each row's last prompt position,
-    ``cache`` holding the prompts, ``attention_mask`` ``[b, T]`` (left padding) and ``positions``
-    (whose last column is each row's last position) or both ``None``."""
-    b = logits.shape[0]
+              output_scores: bool, first: Optional[Tuple[np.ndarray, Optional[paddle.Tensor]]] = None,
+              ) -> Iterator[Tuple[np.ndarray, Optional[paddle.Tensor]]]:
+    """The decode loop after a prefill: ``logits`` ``[b, 1, V]`` of each row's last prompt position
+    (or ``first``: the first ids and scores, already chosen from them), ``cache`` holding the
+    prompts, ``attention_mask`` ``[b, T]`` (left padding) and ``positions`` (whose last column is
+    each row's last position) or both ``None``."""
+    b = cache.batch_size
     eos = np.asarray(list(settings.eos_token_ids), dtype=np.int64)
     finished = np.zeros([b], dtype=bool)
-    # a greedy CPU generation penalises and chooses in numpy (the logits go to the host anyway)
-    on_host = not settings.do_sample and not output_scores and logits.place.is_cpu_place()
+    on_host = _chooses_on_host(settings, output_scores, cache.keys[0])
     seen_host = seen.numpy() if on_host else None
     with paddle.no_grad():
         for step in range(settings.max_new_tokens):
-            if on_host:
-                scores = None
-                chosen = choose_greedy_on_host(logits.numpy()[:, -1], seen_host, settings.repetition_penalty)
+            if step == 0 and first is not None:
+                chosen, scores = first
             else:
-                scores = process_scores(logits[:, -1], seen, settings)
-                chosen = _choose(scores, settings)
+                chosen, scores = _pick(logits, seen, seen_host, settings, on_host)
             token = np.where(finished, settings.pad_token_id, chosen).astype(np.int64)
             yield token, (scores if output_scores else None)
             finished |= (token[:, None] == eos[None, :]).any(-1)  # np.isin costs ~10x more on a few ids
