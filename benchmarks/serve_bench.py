@@ -6,10 +6,11 @@ in-process by uvicorn on 127.0.0.1; N threads of a child process (so that their 
 compete for the server's GIL), each an official ``openai`` client, send the same image question at once (``<ImageHere>Describe the image.`` with ``img1.png`` as a data URL),
 greedy, a fixed ``max_tokens``, streamed with ``include_usage``. Per N:
 
-* aggregate decode tokens/s = Σ (completion tokens − 1) / (last token of any client − first
-  token of any client): the decode phase, as ``bench.py decode-image`` defines it for one client;
+* aggregate decode tokens/s = Σ (completion tokens − 1) / (last token of any client − the latest
+  first token): the decode phase, as ``bench.py decode-image`` defines it for one client (each
+  client gets its first token as its own prefill ends; the batch decodes once all are prefilled);
 * time to first token (TTFT) per client, request sent → first content chunk (queueing, image
-  decode, ViT, the batched prefill);
+  decode, ViT, the prefills of the rows before it in its batch and its own);
 * end-to-end tokens/s = Σ completion tokens / (last token − first request).
 
 Results: ``benchmarks/results/<cpu kind>/serve.json`` (as ``bench.py``). It also times the model alone (``generate_tokens`` on a batch of b identical prompts, no HTTP) to
@@ -94,7 +95,7 @@ def one_run(base_url: str, image: str, clients: int, max_tokens: int) -> Dict[st
     child = subprocess.run([sys.executable, os.path.abspath(__file__), CLIENTS_COMMAND, base_url, image,
                             str(clients), str(max_tokens)], capture_output=True, text=True, check=True)
     out = json.loads(child.stdout.strip().splitlines()[-1])
-    first, last = min(r["first"] for r in out), max(r["last"] for r in out)
+    first, last = max(r["first"] for r in out), max(r["last"] for r in out)
     tokens = [r["tokens"] for r in out]
     return {"decode_tps": sum(n - 1 for n in tokens) / (last - first),
             "e2e_tps": sum(tokens) / (last - min(r["start"] for r in out)),

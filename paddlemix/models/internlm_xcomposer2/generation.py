@@ -179,7 +179,14 @@ def generate_rows(
     server streams it before the next prompt's prefill); the first yield repeats them for every row.
     Sampled rows draw their first token one row at a time. One row: :func:`generate_tokens`."""
     if len(rows) == 1:  # chat()'s own path: no cache copy, no attention mask
-        yield from generate_tokens(model, rows[0][0], settings, seen, im_mask=rows[0][1], output_scores=output_scores)
+        steps = generate_tokens(model, rows[0][0], settings, seen, im_mask=rows[0][1], output_scores=output_scores)
+        try:
+            for step, item in enumerate(steps):
+                if step == 0 and on_first is not None:
+                    on_first(0, int(item[0][0]))
+                yield item
+        finally:
+            steps.close()
         return
     settings.validate()
     cfg = model.config
