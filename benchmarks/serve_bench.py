@@ -13,7 +13,7 @@ greedy, a fixed ``max_tokens``, streamed with ``include_usage``. Per N:
   decode, ViT, the prefills of the rows before it in its batch and its own);
 * end-to-end tokens/s = Σ completion tokens / (last token − first request).
 
-Results: ``benchmarks/results/<cpu kind>/serve.json`` (as ``bench.py``). It also times the model alone (``generate_tokens`` on a batch of b identical prompts, no HTTP) to
+Results: ``benchmarks/results/<cpu kind>/serve.json`` (as ``bench.py``). It also times the model alone (``generate_rows`` on b identical prompts, no HTTP) to
 separate per-step model cost from server overhead. Target: ≥ 2.5× the single-client decode
 throughput at 4 clients (CPU decode is memory-bound: a batch reads the weights once per step).
 

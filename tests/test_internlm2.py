@@ -131,6 +131,7 @@ def test_single_row_caches_stack_left_padded():
         np.testing.assert_array_equal(keys[1, :, :5], prompts[1][layer].numpy()[0])
         np.testing.assert_array_equal(values[1, :, :5], -prompts[1][layer].numpy()[0])
         assert not keys[0, :, :2].any() and not keys[:, :, 5:].any() and not values[:, :, 5:].any()
+    assert all(k is None and v is None for c in caches for k, v in zip(c.keys, c.values))  # released
     with pytest.raises(ValueError, match="single-row"):
         KVCache.stack_left_padded([stacked])
 

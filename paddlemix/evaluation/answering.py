@@ -8,7 +8,7 @@ tokens without BOS; no system prompt, no ``<ImageHere>``::
     ids      [1] [-200 x P] [92543, 1008, 364, ...prompt...]     (-200: IMAGE_SLOT)
     im_mask   0   1 ... 1    0 ...
 
-Rows are left-padded with the pad token (attention mask 0), as ``batch_chat`` pads them.
+Rows are left-padded with the pad token (attention mask 0) and run as one batched forward.
 """
 from __future__ import annotations
 

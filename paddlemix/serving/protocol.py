@@ -62,7 +62,7 @@ class SamplingParams:
     num_beams: int = 1  # > 1: the official chat's beam search (greedy only, as there)
 
     def batch_key(self, request_id: str) -> Tuple[Any, ...]:
-        """Requests with equal keys can share one batched generation: ``generate_tokens``
+        """Requests with equal keys can share one batched generation: ``generate_rows``
         applies one setting to the whole batch, and rows stop individually (so ``max_tokens``
         and ``stop`` may differ). A seeded request gets a key of its own, so its draws are
         exactly those of ``chat(..., seed=...)``; so does a beam search."""

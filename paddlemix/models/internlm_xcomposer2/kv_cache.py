@@ -68,7 +68,9 @@ class KVCache:
         """One cache whose row ``i`` holds the single-row cache ``caches[i]`` (every layer written),
         each moved right so that all end at the longest one's length: row ``i`` is left-padded by
         ``longest - caches[i].length`` zero positions, which an attention mask must hide (the
-        layout of a left-padded batch prefill). One free position is kept for the next token."""
+        layout of a left-padded batch prefill). One free position is kept for the next token. The
+        source caches are consumed: each layer's buffers are released once stacked, so the peak
+        is the stacked cache plus one layer of the sources, not twice the whole cache."""
         if not caches or any(c.batch_size != 1 or any(k is None for k in c.keys) for c in caches):
             raise ValueError("stack_left_padded takes single-row caches whose every layer holds the prompt")
         first = caches[0]
@@ -81,6 +83,7 @@ class KVCache:
                     written = getattr(cache, source)[layer][:, :, : cache.length]
                     parts = [out._zeros(longest - cache.length, 1)] if cache.length < longest else []
                     rows.append(paddle.concat(parts + [written, out._zeros(out.capacity - longest, 1)], axis=2))
+                    getattr(cache, source)[layer] = None
                 target[layer] = paddle.concat(rows, axis=0)
         out.length = longest
         return out
