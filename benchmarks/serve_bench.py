@@ -106,19 +106,16 @@ def one_run(base_url: str, image: str, clients: int, max_tokens: int) -> Dict[st
 
 # --- the server side ----------------------------------------------------------------------------
 def model_step_ms(model, tokenizer, batch: int, new_tokens: int) -> float:
-    """Median decode step on ``batch`` identical image prompts (no server), on the server's path:
-    ``generate_tokens`` for one, ``generate_rows`` (each prompt prefilled alone) for more."""
+    """Median decode step on ``batch`` identical image prompts (no server), on the server's path
+    (``generate_rows``: each prompt prefilled alone; one prompt: ``generate_tokens``)."""
     from bench import IMAGE_QUERY, IMG1
-    from paddlemix.models.internlm_xcomposer2.generation import generate_rows, generate_tokens, seen_ids
+    from paddlemix.models.internlm_xcomposer2.generation import generate_rows, seen_ids
     from paddlemix.models.internlm_xcomposer2.processor import DEFAULT_META_INSTRUCTION
 
     rows = [model._chat_inputs(tokenizer, IMAGE_QUERY, [IMG1], [], DEFAULT_META_INSTRUCTION) for _ in range(batch)]
     settings = model._settings(tokenizer, max_new_tokens=new_tokens, do_sample=False)
     seen = seen_ids([model._official_prefix(tokenizer, layout) for layout, _, _ in rows])
-    if batch == 1:
-        steps = generate_tokens(model, rows[0][1], settings, seen, im_mask=rows[0][2])
-    else:
-        steps = generate_rows(model, [(embeds, im_mask) for _, embeds, im_mask in rows], settings, seen)
+    steps = generate_rows(model, [(embeds, im_mask) for _, embeds, im_mask in rows], settings, seen)
     stamps = [time.perf_counter() for _ in steps]
     return 1000 * statistics.median(b - a for a, b in zip(stamps, stamps[1:]))
 

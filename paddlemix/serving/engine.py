@@ -22,7 +22,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
 
 from PIL import Image
 
@@ -281,10 +281,10 @@ class Engine:
             with seeded(settings.seed):
                 # each prompt prefilled alone (exactly chat()'s forward), its first token streamed at
                 # once, then the rows decoded together
-                early: Dict[int, int] = {}
+                early: Set[int] = set()
 
                 def first_token(row: int, token: int) -> None:
-                    early[row] = token
+                    early.add(row)
                     self._step([states[row]], [token], time.perf_counter(), held)
 
                 steps = generate_rows(model, [(embeds, im_mask) for _, embeds, im_mask in rows], settings, seen,
@@ -328,7 +328,7 @@ class Engine:
         deliver(outbox)
 
     def _decode(self, steps, states: List[_Row], held: Optional[List[Tuple[Job, Finished]]],
-                early: Dict[int, int]) -> None:
+                early: Set[int]) -> None:
         """Feed every step's ids to the rows until none is still wanted; times model vs host work.
         ``early``: the rows whose first id was already fed (as its prefill ended); the first step
         skips them."""
