@@ -129,6 +129,34 @@ def test_rows_prefilled_alone_start_exactly_as_chat(model, tokenizer, tiny_dir, 
         assert ids[-1] in eos or len(ids) == settings.max_new_tokens
 
 
+def test_packed_weights_decode_each_row_of_a_batch_as_alone(model, tokenizer, tiny_dir, golden_json):
+    """With the decode weights packed (the serving engine's CPU batches: every product of a step
+    reads each weight once for all rows), each row of ``generate_rows`` gets the greedy tokens of
+    its prompt alone, every step's scores within float32 noise, and the first step's exactly."""
+    from paddlemix.models.internlm_xcomposer2.generation import generate_rows, generate_tokens, seen_ids
+    from paddlemix.models.internlm_xcomposer2.processor import DEFAULT_META_INSTRUCTION
+    from paddlemix.models.internlm_xcomposer2.row_gemm import unpack_weights
+
+    prompts = [(golden_json["chat"]["query"], [str(tiny_dir / "img1.png")]), ("Hi", []), ("Tell me a story", [])]
+    rows = [model._chat_inputs(tokenizer, q, images, [], DEFAULT_META_INSTRUCTION) for q, images in prompts]
+    prefixes = [model._official_prefix(tokenizer, layout) for layout, _, _ in rows]
+    settings = model._settings(tokenizer, max_new_tokens=8, do_sample=False, repetition_penalty=1.0)
+    try:
+        assert model.pack_for_batched_decoding(4, min_bytes=0) > 0
+        together = list(generate_rows(model, [(e, m) for _, e, m in rows], settings, seen_ids(prefixes),
+                                      output_scores=True))
+        for i, ((_, embeds, im_mask), prefix) in enumerate(zip(rows, prefixes)):
+            alone = list(generate_tokens(model, embeds, settings, seen_ids([prefix]), im_mask=im_mask,
+                                         output_scores=True))
+            ids = [int(step[0][0]) for step in alone]
+            assert [int(step[0][i]) for step in together][: len(ids)] == ids
+            np.testing.assert_array_equal(together[0][1].numpy()[i], alone[0][1].numpy()[0])
+            for (_, batch_scores), (_, own) in zip(together, alone):
+                np.testing.assert_allclose(batch_scores.numpy()[i], own.numpy()[0], atol=1e-5, rtol=0)
+    finally:
+        unpack_weights()
+
+
 def test_multi_image_chat(model, tokenizer, tiny_dir):
     images = [str(tiny_dir / "img1.png"), str(tiny_dir / "img2.png")]
     a, _ = model.chat(tokenizer, "<ImageHere><ImageHere>Compare.", image=images, do_sample=False, max_new_tokens=4)

@@ -223,15 +223,15 @@ def _decode(model, embeds, steps, attention_mask=None):
     return logits, cache
 
 
-@pytest.mark.parametrize("padded", [False, True])
-def test_fast_decode_step_is_bit_identical_to_the_layers(tiny_model, golden, monkeypatch, padded, norm_kernels,
+@pytest.mark.parametrize("padded,packed", [(False, False), (True, False), (True, True)])
+def test_fast_decode_step_is_bit_identical_to_the_layers(tiny_model, golden, monkeypatch, padded, packed, norm_kernels,
                                                          row_gemms):
     """The fused decode path (fast_decode) computes exactly what the decoder layers compute:
     one row without padding (host-built mask and rotation) and a left-padded batch, on each
-    single-row GEMM kernel (row_gemm: the unpadded row takes NumPy's when chosen) and each
+    single-row GEMM kernel (row_gemm: the unpadded row takes NumPy's when chosen), the batch also
+    with its weights packed (the serving engine's: both rows take the packed copies), and each
     norm kernel this CPU can run (fused: residual adds folded into the norms), over enough steps to cross rotation tables, a cache capacity block and the NTK limit (the
     state kept in the cache between steps must stay right)."""
-    import paddlemix.models.internlm_xcomposer2.internlm2 as internlm2
     from paddlemix.models.internlm_xcomposer2.kv_cache import BLOCK
 
     steps = BLOCK
@@ -242,13 +242,29 @@ def test_fast_decode_step_is_bit_identical_to_the_layers(tiny_model, golden, mon
     if padded:  # row 0 drops its first 3 tokens, left-padded
         embeds = paddle.concat([embeds, paddle.concat([embeds[:, :3] * 0, embeds[:, 3:]], 1)], 0)
         attention_mask = paddle.to_tensor([[1] * ids.shape[1], [0] * 3 + [1] * (ids.shape[1] - 3)])
+    if packed:
+        assert tiny_model.pack_for_batched_decoding(2, min_bytes=0) > 0
+    try:
+        _fast_equals_layers(tiny_model, embeds, steps, attention_mask, monkeypatch, norm_kernels,
+                            expect_hosted=packed or (row_gemms == "numpy" and not padded))
+    finally:
+        tiny_model.unpack_for_batched_decoding()
+
+
+def _fast_equals_layers(tiny_model, embeds, steps, attention_mask, monkeypatch, norm_kernels, expect_hosted):
+    import paddlemix.models.internlm_xcomposer2.internlm2 as internlm2
+    from paddlemix.models.internlm_xcomposer2.kv_cache import BLOCK
+    from paddlemix.models.internlm_xcomposer2.onednn import PackedWeight
+
     taken = []
     monkeypatch.setattr(internlm2, "decode_layers", lambda *a: taken.append(1) or fast_decode_layers(*a))
     fast_logits, fast_cache = _decode(tiny_model, embeds, steps, attention_mask)
     assert len(taken) == steps and fast_cache.fast_decode and fast_cache.capacity > BLOCK
     assert fast_cache.fast_decode.fused_norm == (norm_kernels == "fused")
-    hosted = [layer[i][2] is not None for layer in fast_cache.fast_decode.layers for i in (1, 2, 4, 5, 6)]
-    assert hosted and all(hosted) == (row_gemms == "numpy" and not padded) and any(hosted) == all(hosted)
+    hosts = [layer[i][2] for layer in fast_cache.fast_decode.layers for i in (1, 2, 4, 5, 6)]
+    hosted = [host is not None for host in hosts]
+    assert hosted and all(hosted) == expect_hosted and any(hosted) == all(hosted)
+    assert all(isinstance(host[0], PackedWeight) == (embeds.shape[0] > 1) for host in hosts if host is not None)
     monkeypatch.setattr(internlm2, "can_decode_fast", lambda *a: False)
     slow_logits, slow_cache = _decode(tiny_model, embeds, steps, attention_mask)
     for fast, slow in zip(fast_logits, slow_logits):

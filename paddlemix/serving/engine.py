@@ -34,6 +34,7 @@ from paddlemix.models.internlm_xcomposer2.textstream import IncrementalText
 from .channels import Channel, Event, Failed, Finished, TextDelta, deliver
 from .errors import APIError, bad_request
 from .limits import DEFAULT_BATCH_WAIT, DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_QUEUE
+from .packing import PACKING, pack_model
 from .protocol import Conversation, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -106,13 +107,18 @@ class _Row:
 
 
 class Engine:
-    """Owns the model; :meth:`submit` jobs from any thread, results arrive on each job's channel."""
+    """Owns the model; :meth:`submit` jobs from any thread, results arrive on each job's channel.
+    ``weight_packing`` (``auto``/``on``/``off``, see ``packing.py``): whether :meth:`start` packs the
+    decode weights for batched CPU decoding (and :meth:`stop` drops the copy)."""
 
     def __init__(self, model: Any, tokenizer: Any, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
                  max_queue: int = DEFAULT_MAX_QUEUE,
-                 batch_wait: float = DEFAULT_BATCH_WAIT) -> None:
+                 batch_wait: float = DEFAULT_BATCH_WAIT, weight_packing: str = "auto") -> None:
         if max_batch_size < 1 or max_queue < 1 or batch_wait < 0:
             raise ValueError("max_batch_size and max_queue must be >= 1 and batch_wait >= 0")
+        if weight_packing not in PACKING:
+            raise ValueError(f"weight_packing must be one of {', '.join(PACKING)}, got {weight_packing!r}")
+        self.weight_packing, self.packed_bytes = weight_packing, 0
         self.model, self.tokenizer = model, tokenizer
         self.max_batch_size, self.max_queue, self.batch_wait = max_batch_size, max_queue, batch_wait
         self.processor = InternLMXComposer2Processor.from_config(tokenizer, model.config)
@@ -126,6 +132,7 @@ class Engine:
 
     # --- lifecycle ---------------------------------------------------------------------------
     def start(self) -> "Engine":
+        self.packed_bytes = pack_model(self.model, self.max_batch_size, self.weight_packing)
         self._thread = threading.Thread(target=self._work, name="ixc2-engine", daemon=True)
         self._thread.start()
         return self
@@ -141,6 +148,9 @@ class Engine:
         self._fail(waiting, _shutting_down())
         if self._thread is not None:
             self._thread.join(timeout)
+        if self.packed_bytes:  # a step still running keeps its own reference to the copies
+            self.model.unpack_for_batched_decoding()
+            self.packed_bytes = 0
 
     @property
     def alive(self) -> bool:

@@ -31,15 +31,15 @@ def default_model_name(path_or_id: str) -> str:
 
 def build_server(model: Any, tokenizer: Any, model_name: str, api_keys: Sequence[str] = (),
                  max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, max_queue: int = DEFAULT_MAX_QUEUE, max_images: int = DEFAULT_MAX_IMAGES, batch_wait: float = DEFAULT_BATCH_WAIT,
-                 media: Optional[MediaLoader] = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
-                 ) -> Tuple[Any, Engine]:
+                 media: Optional[MediaLoader] = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+                 weight_packing: str = "auto") -> Tuple[Any, Engine]:
     """The FastAPI app and its started engine (one model in memory, one worker thread)."""
     if max_images < 0:
         raise ValueError(f"max_images must be >= 0, got {max_images}")
     if max_body_bytes <= 0:
         raise ValueError(f"max_body_bytes must be > 0, got {max_body_bytes}")
     engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_queue=max_queue,
-                    batch_wait=batch_wait).start()
+                    batch_wait=batch_wait, weight_packing=weight_packing).start()
     config = ServerConfig(model_name=model_name, api_keys=tuple(api_keys), max_images=max_images,
                           max_body_bytes=max_body_bytes, media=media or MediaLoader())
     return create_app(engine, config), engine

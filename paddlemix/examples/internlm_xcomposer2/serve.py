@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-private-media-urls", "--allow_private_media_urls", dest="allow_private_media_urls",
                    action="store_true", help="also fetch image URLs of loopback and private-network hosts (by "
                    "default only public hosts: a client must not make the server read its own network)")
+    p.add_argument("--cpu_weight_packing", choices=("auto", "on", "off"), default="auto",
+                   help="copy the decode weights into oneDNN's packed layout, so a CPU decode step of a batch "
+                        "reads each weight once (auto: float32 on a CPU, batches > 1, if the copy fits in memory)")
     p.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on a GPU, else float32")
     p.add_argument("--device", help="cpu, gpu, gpu:0, ... (default: gpu if available, else cpu)")
     p.add_argument("--source", choices=tuple(HUB_SOURCES), default="paddlenlp",
@@ -68,7 +71,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     app, engine = build_server(model, tokenizer, name, api_keys=args.api_keys, max_batch_size=args.max_batch_size,
                                max_queue=args.max_queue, max_images=args.max_images,
                                batch_wait=args.batch_wait_ms / 1000, media=media,
-                               max_body_bytes=int(args.max_request_mb * MIB))
+                               max_body_bytes=int(args.max_request_mb * MIB),
+                               weight_packing=args.cpu_weight_packing)
     import uvicorn
 
     print(f"serving {name!r} on http://{args.host}:{args.port}/v1 (Ctrl-C to stop)", flush=True)

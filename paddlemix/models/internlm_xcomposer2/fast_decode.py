@@ -15,8 +15,9 @@ the plain norm):
 * q, k and v are cut apart with ``split``, whose outputs are contiguous copies: a ``slice``
   is a strided view, and every kernel that reads a view (the cache write, the q·k matmul)
   first makes it contiguous in a hidden extra op (~4 µs each on CPU, measured);
-* a single row's linears run on the kernel :mod:`.row_gemm` picks (NumPy's BLAS on non-Intel
-  CPUs), each writing into an output tensor kept in the plan;
+* the linears run on the kernel :mod:`.row_gemm` picks (for one row NumPy's BLAS on non-Intel
+  CPUs; for a batch the packed copies the serving engine makes), each writing into an output
+  tensor kept in the plan;
 * kernels are called directly (``_C_ops``, as PaddleNLP's own fused paths do), without the
   Python argument checking of the public wrappers; no PLoRA (generated tokens are text), no
   ``Layer.__call__`` per linear, and the weights are looked up once per generation
@@ -36,15 +37,15 @@ from paddle import _C_ops
 from .kernels import norm_weight_for, rms_norm, use_fused_norm
 from .kv_cache import KVCache
 from .plora import PLoRALinear
-from .row_gemm import RowOutput, host_gemm_for, row_matmul, weight_view
+from .row_gemm import RowOutput, host_gemm_for, host_weight, row_matmul
 
-__all__ = ["DecodePlan", "can_decode_fast", "decode_layers"]
+__all__ = ["DECODER_LINEARS", "DecodePlan", "can_decode_fast", "decode_layers"]
 
-_LINEARS = (("attention", "wqkv"), ("attention", "wo"), ("feed_forward", "w1"), ("feed_forward", "w3"),
+DECODER_LINEARS = (("attention", "wqkv"), ("attention", "wo"), ("feed_forward", "w1"), ("feed_forward", "w3"),
             ("feed_forward", "w2"))
 
-# (weight, bias or None, (NumPy view of the weight, output) when a single row goes to NumPy's BLAS
-# (row_gemm) or None) of a linear; a norm: (weight, eps, weight·sqrt(H) for the plain
+# (weight, bias or None, (NumPy view or packed copy of the weight, output) when the rows go to
+# row_gemm's host kernel, or None) of a linear; a norm: (weight, eps, weight·sqrt(H) for the plain
 # kernel or None); a layer: attention norm, wqkv, wo, ffn norm, w1, w3, w2
 _Linear = Tuple[paddle.Tensor, Optional[paddle.Tensor], Optional[Tuple[object, RowOutput]]]
 _Norm = Tuple[paddle.Tensor, float, Optional[paddle.Tensor]]
@@ -55,7 +56,7 @@ def _plain(layer: paddle.nn.Layer) -> bool:
     """No hooks anywhere and every linear exactly a ``PLoRALinear`` (e.g. not a peft LoRA wrapper).
     Reads the sublayer dicts directly: ``Layer.__getattr__`` here would cost ~1 ms per token."""
     parts = layer._sub_layers
-    linears = [parts[part]._sub_layers[name] for part, name in _LINEARS]
+    linears = [parts[part]._sub_layers[name] for part, name in DECODER_LINEARS]
     modules = [layer, *parts.values(), *linears]
     return (all(type(m) is PLoRALinear for m in linears)
             and not any(m._forward_pre_hooks or m._forward_post_hooks for m in modules))
@@ -90,7 +91,7 @@ class DecodePlan:
             host = host_gemm_for(self.rows, weight.dtype, weight)  # decode runs without gradients
             # one output tensor per linear, reused every step: each is consumed (copied by the next
             # op: split, add, silu, multiply) before the same linear runs again
-            out = (weight_view(weight), RowOutput([self.rows, 1], weight.shape[1])) if host else None
+            out = (host_weight(weight, self.rows), RowOutput([self.rows, 1], weight.shape[1])) if host else None
             return weight, params.get("bias"), out
 
         def norm(name: str) -> _Norm:

@@ -140,5 +140,7 @@ class KVCache:
             for i, buf in enumerate(store):
                 if buf is not None:
                     store[i] = paddle.gather(buf, rows, axis=0)
+        if int(rows.shape[0]) != self.batch_size:
+            self.fast_decode = None  # its per-linear outputs are sized for the old row count
         self.batch_size = int(rows.shape[0])
         self.step_mask = None

@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Union
+from typing import Any, List, Optional, Union
 
 import paddle
 import paddle.nn as nn
@@ -21,13 +21,14 @@ from paddlenlp.transformers.model_outputs import CausalLMOutputWithPast
 from . import checkpoint
 from .chat import ChatMixin
 from .configuration import InternLMXComposer2Config
+from .fast_decode import DECODER_LINEARS
 from .hub import resolve_pretrained
 from .image_processing import InternLMXComposer2ImageProcessor
 from .internlm2 import InternLM2Model
 from .kv_cache import KVCache
 from .official_api import OfficialAPIMixin
 from .plora import ImageRows, PLoRALinear
-from .row_gemm import row_matmul, takes_host_gemm, weight_view
+from .row_gemm import MIN_WEIGHT_BYTES, host_weight, pack_weights, row_matmul, takes_host_gemm, unpack_weights
 from .vision import CLIPVisionTower, build_vision_projector
 
 __all__ = ["InternLMXComposer2PretrainedModel", "InternLMXComposer2ForCausalLM", "causal_lm_loss", "IGNORE_INDEX"]
@@ -225,8 +226,27 @@ class InternLMXComposer2ForCausalLM(ChatMixin, OfficialAPIMixin, InternLMXCompos
         head = self.output
         if (type(head) is nn.Linear and head.bias is None and not head._forward_pre_hooks
                 and not head._forward_post_hooks and takes_host_gemm(hidden, head.weight)):
-            return row_matmul(hidden, weight_view(head.weight))
+            return row_matmul(hidden, host_weight(head.weight, math.prod(hidden.shape[:-1])))
         return head(hidden)
+
+    def decode_weights(self) -> List[paddle.Tensor]:
+        """The weights every decoded token is multiplied by: each decoder layer's linears and the head."""
+        weights = [layer._sub_layers[part]._sub_layers[name].weight for layer in self.model.layers
+                   for part, name in DECODER_LINEARS]
+        return [*weights, self.output.weight]
+
+    def pack_for_batched_decoding(self, max_rows: int, min_bytes: int = MIN_WEIGHT_BYTES) -> int:
+        """Copy the decode weights (:meth:`decode_weights`, float32 on a CPU) into oneDNN's packed
+        layout, so that decoding 2 to ``max_rows`` sequences together reads each weight once per
+        step (``row_gemm.py``); weights under ``min_bytes`` are left as they are; returns the bytes
+        added. The copy does not follow later changes
+        to the weights: call :meth:`unpack_for_batched_decoding` before training or loading."""
+        weights = [w for w in self.decode_weights() if w.dtype == paddle.float32 and w.place.is_cpu_place()]
+        return pack_weights(weights, max_rows, min_bytes)
+
+    def unpack_for_batched_decoding(self) -> None:
+        """Drop the copies :meth:`pack_for_batched_decoding` made."""
+        unpack_weights(self.decode_weights())
 
     def _labelled_rows_loss(self, hidden: paddle.Tensor, labels: paddle.Tensor) -> paddle.Tensor:
         targets = shift_labels(labels).reshape([-1])
