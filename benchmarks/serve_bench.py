@@ -15,9 +15,11 @@ greedy, a fixed ``max_tokens``, streamed with ``include_usage``. Per N:
 
 Results: ``benchmarks/results/<cpu kind>/serve.json`` (as ``bench.py``). It also times the model alone (``generate_rows`` on b identical prompts, no HTTP) to
 separate per-step model cost from server overhead. Target: ≥ 2.5× the single-client decode
-throughput at 4 clients (CPU decode is memory-bound: a batch reads the weights once per step).
+throughput at 4 clients (CPU decode is memory-bound: a batch reads the weights once per step,
+which on a CPU takes the packed weights of ``--cpu_weight_packing``, ``serving/packing.py``).
 
     python benchmarks/serve_bench.py                 # 1/4/8 clients, 3 runs each, 64 tokens
+    python benchmarks/serve_bench.py --weight-packing off   # the same without the packed copy
     python benchmarks/serve_bench.py --quick         # a short check that it works
 """
 from __future__ import annotations
@@ -124,8 +126,10 @@ def measure(args: argparse.Namespace, model, tokenizer) -> Dict[str, Any]:
     import bench
     from paddlemix.serving.runner import ServerThread, build_server
 
+    # the weights were packed (or not) once, before the model-alone steps: the engine leaves them
     app, engine = build_server(model, tokenizer, MODEL_NAME, max_batch_size=max(args.clients),
-                               max_queue=max(args.clients), batch_wait=args.batch_wait_ms / 1000)
+                               max_queue=max(args.clients), batch_wait=args.batch_wait_ms / 1000,
+                               weight_packing="off")
     batches: List[int] = []
     engine.on_batch = lambda jobs: batches.append(len(jobs))
     per_clients: Dict[int, List[Dict[str, float]]] = {}
@@ -194,22 +198,29 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--batch-wait-ms", type=float, default=50.0, help="the server's --batch_wait_ms")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (set before Paddle is imported)")
+    parser.add_argument("--weight-packing", choices=("auto", "on", "off"), default="auto",
+                        help="the server's --cpu_weight_packing (off: measure without the packed copy)")
     parser.add_argument("--quick", action="store_true", help="1 run each, 16 tokens: only checks that it works")
     args = parser.parse_args(argv)
     if args.quick:
         args.runs, args.max_tokens = 1, 16
+    from paddlemix.serving.packing import pack_model
+
     model, tokenizer = bench.build_model(bench.bench_config()), bench.tokenizer()
+    packed_bytes = pack_model(model, max(args.clients), args.weight_packing)  # as the server would
     model_step_ms(model, tokenizer, 1, 4)  # warm-up: the first generation of a process is slow
     steps = {b: model_step_ms(model, tokenizer, b, args.max_tokens) for b in sorted(set([1, *args.clients]))}
     bench.log("model alone, decode step: " + ", ".join(f"batch {b}: {ms:.1f} ms" for b, ms in steps.items()))
     result = summarise(measure(args, model, tokenizer), steps)
     result.update(max_tokens=args.max_tokens, batch_wait_ms=args.batch_wait_ms, lscpu_model_name=lscpu_model(),
+                  weight_packing=args.weight_packing, packed_bytes=packed_bytes,
                   prompt="<ImageHere>Describe the image. + img1.png (data URL), greedy, streamed")
     result.pop("others_cpu_percent")
     if args.quick:  # a check, not a measurement: nothing is written
         bench.print_table("serve (quick check)", result)
     else:
-        bench.write_result("serve", result, args)
+        bench.write_result("serve" if args.weight_packing == "auto" else f"serve-packing-{args.weight_packing}",
+                           result, args)
 
 
 if __name__ == "__main__":
