@@ -66,6 +66,16 @@ def norm_kernels(request) -> Iterator[str]:
         set_fused_kernels_on_cpu(None)
 
 
+@pytest.fixture(params=["paddle", "onednn"])
+def softmax_kernels(request, monkeypatch) -> str:
+    """Runs a test once per softmax kernel inference may take on a CPU (kernels.softmax_last):
+    Paddle's, and oneDNN's, forced here for every size (the fixture's scores are all small)."""
+    from paddlemix.models.internlm_xcomposer2 import kernels
+
+    monkeypatch.setattr(kernels, "SOFTMAX_MIN_ELEMENTS", 0 if request.param == "onednn" else 1 << 62)
+    return request.param
+
+
 @pytest.fixture(params=["paddle", "numpy"])
 def row_gemms(request) -> Iterator[str]:
     """Runs a test once per kernel a single-row product (a decode step) can take on a CPU:

@@ -35,7 +35,7 @@ def test_position_table_resize(golden):
 
 
 @pytest.mark.parametrize("img", ["img1", "img2"])
-def test_vit_and_encode_img(tiny_model, golden, img):
+def test_vit_and_encode_img(tiny_model, golden, img, softmax_kernels):
     pixels = paddle.to_tensor(golden[f"{img}_pixel_values"])[None]
     with paddle.no_grad():
         feats = tiny_model.vit(pixels)[0].numpy()
@@ -50,7 +50,7 @@ def test_encode_img_from_file_matches_pixels(tiny_model, tiny_dir, golden):
     np.testing.assert_allclose(embeds, golden["img1_encode_img"], atol=ATOL, rtol=0)
 
 
-def test_text_forward(tiny_model, golden, norm_kernels):
+def test_text_forward(tiny_model, golden, norm_kernels, softmax_kernels):
     ids = paddle.to_tensor(golden["text_input_ids"])[None]
     with paddle.no_grad():
         out = tiny_model(input_ids=ids, output_hidden_states=True)
@@ -59,7 +59,7 @@ def test_text_forward(tiny_model, golden, norm_kernels):
     _check_logits(out.logits[0].numpy(), golden, "text")
 
 
-def test_chat_forward_with_plora(tiny_model, golden, norm_kernels):
+def test_chat_forward_with_plora(tiny_model, golden, norm_kernels, softmax_kernels):
     embeds = paddle.to_tensor(golden["chat_inputs_embeds"])[None]
     im_mask = paddle.to_tensor(golden["chat_im_mask"])[None]
     with paddle.no_grad():

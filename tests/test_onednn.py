@@ -142,3 +142,25 @@ def test_the_model_packs_its_decode_weights_and_unpacks_them(tiny_model):
         assert all(packed_weight(w) is None for w in weights)
     finally:
         unpack_weights()
+
+
+def test_the_onednn_softmax_equals_paddles_in_place_and_only_without_a_graph(monkeypatch):
+    from paddlemix.models.internlm_xcomposer2 import kernels
+
+    paddle.seed(1)
+    scores = paddle.randn([2, 4, 70, 300]) * 4
+    scores[:, :, :, 250:] = -1e30  # masked positions, as an additive causal mask leaves them
+    want = paddle.nn.functional.softmax(scores, axis=-1).numpy()
+    assert scores.size >= kernels.SOFTMAX_MIN_ELEMENTS
+    got = kernels.softmax_last(scores)
+    assert got is scores  # in place
+    np.testing.assert_allclose(got.numpy(), want, atol=1e-6, rtol=0)
+    assert np.all(got.numpy()[..., 250:] == 0)
+    small = paddle.randn([16, 470])
+    assert kernels.softmax_last(small) is not small  # below the size floor: Paddle's
+    trainable = paddle.randn([2, 4, 70, 300])
+    trainable.stop_gradient = False
+    out = kernels.softmax_last(trainable)
+    assert out is not trainable and not out.stop_gradient  # autograd's kernel keeps the graph
+    out.sum().backward()
+    assert trainable.grad is not None

@@ -34,7 +34,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import paddle
 from paddle import _C_ops
 
-from .kernels import norm_weight_for, rms_norm, use_fused_norm
+from .kernels import norm_weight_for, rms_norm, softmax_last, use_fused_norm
 from .kv_cache import KVCache
 from .plora import PLoRALinear
 from .row_gemm import RowOutput, host_gemm_for, host_weight, row_matmul
@@ -161,7 +161,7 @@ def decode_layers(plan: Union[DecodePlan, bool, None], x: paddle.Tensor, rotatio
             scores = _C_ops.cast(scores, paddle.float32)
         if mask is not None:
             scores = _C_ops.add_(scores, mask)
-        probs = _C_ops.softmax(scores, -1)
+        probs = softmax_last(scores)  # the layers' kernel choice (small: Paddle's)
         if probs.dtype != values.dtype:
             probs = _C_ops.cast(probs, values.dtype)
         attended = _C_ops.reshape(_C_ops.matmul(probs, values, False, False), [b, 1, heads_width])

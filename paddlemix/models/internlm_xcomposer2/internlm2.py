@@ -17,7 +17,7 @@ from paddle.distributed.fleet.utils import recompute
 
 from .configuration import InternLMXComposer2Config
 from .fast_decode import can_decode_fast, decode_layers
-from .kernels import rms_norm, use_fused_norm
+from .kernels import rms_norm, softmax_last, use_fused_norm
 from .kv_cache import KVCache
 from .plora import ImageRows, PLoRALinear
 from .rope import Rotary, rotary_for
@@ -134,7 +134,7 @@ def grouped_attention(q: paddle.Tensor, k: paddle.Tensor, v: paddle.Tensor, mask
             scores = scores + mask
         else:
             scores.add_(mask)  # in place: no new [heads, t, L] tensor in a long prefill
-    probs = F.softmax(scores, axis=-1)
+    probs = softmax_last(scores)  # scores is a temporary: may be overwritten
     out = paddle.matmul(probs if probs.dtype == v.dtype else probs.astype(v.dtype), v)  # [b, nkv, groups*t, d]
     if t == 1:
         return out.reshape([b, 1, nkv * groups * d])

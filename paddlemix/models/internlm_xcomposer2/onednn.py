@@ -1,4 +1,6 @@
-"""A weight packed once for oneDNN, multiplied by a few rows at a time: batched decoding on a CPU.
+"""oneDNN kernels Paddle's CPU ops lack: a weight packed once for a few rows, and a fast softmax.
+
+**Packed weights** (:class:`PackedWeight`): batched decoding on a CPU.
 
 Decoding a batch of 2–8 sequences multiplies 2–8 rows by every weight. On a CPU, the GEMM
 kernels of MKL, OpenBLAS and oneDNN alike re-pack the weight in every call, so from memory they
@@ -15,9 +17,15 @@ the OpenMP runtime it shares with MKL. Nothing here runs at import; :func:`avail
 Each row of a product is computed by the same kernel calls whatever the number of rows
 (tested: a row in a batch of 1–8 gives the same bits as alone), so which sequences share a
 batch does not change any one's logits.
+
+**Softmax** (:func:`softmax_`): Paddle's CPU softmax over the last axis takes 1.4–7 ns per
+element (it varies with the state of the OpenMP threads; measured on AMD EPYC Zen 3 and Intel
+Xeon): 4–17 ms for the attention scores of one 405-token prefill layer (16 heads), against
+2.3 ms for oneDNN's vectorised kernel on the same 2 threads.
 """
 from __future__ import annotations
 
+import collections
 import ctypes
 import functools
 import glob
@@ -31,7 +39,7 @@ import paddle
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["OneDNNError", "available", "PackedWeight"]
+__all__ = ["OneDNNError", "available", "PackedWeight", "softmax_"]
 
 # oneDNN C API constants (oneapi/dnnl/dnnl_types.h, v3)
 _CPU_ENGINE = 1
@@ -39,6 +47,8 @@ _IN_ORDER_STREAM = 1
 _F32 = 3
 _TAG_ANY, _TAG_AB = 1, 3
 _FORWARD_INFERENCE = 96
+_SOFTMAX_ACCURATE = 0x30000
+_SOFTMAX_KERNELS = 64  # shapes whose softmax primitive is kept (a prompt length each, at most)
 _QUERY_IMPL_INFO = 8
 _QUERY_WEIGHTS_MD = 131
 _ARG_SRC, _ARG_DST, _ARG_WEIGHTS = 1, 17, 33
@@ -91,6 +101,8 @@ class _API:
             "dnnl_inner_product_forward_primitive_desc_create": [ctypes.POINTER(_P), _P, ctypes.c_int, _P, _P, _P, _P,
                                                                  _P],
             "dnnl_reorder_primitive_desc_create": [ctypes.POINTER(_P), _P, _P, _P, _P, _P],
+            "dnnl_softmax_forward_primitive_desc_create": [ctypes.POINTER(_P), _P, ctypes.c_int, ctypes.c_int, _P, _P,
+                                                           ctypes.c_int, _P],
             "dnnl_primitive_desc_query": [_P, ctypes.c_int, ctypes.c_int, _P],
             "dnnl_primitive_desc_destroy": [_P],
             "dnnl_primitive_create": [ctypes.POINTER(_P), _P],
@@ -248,3 +260,53 @@ class PackedWeight:
             lib.dnnl_primitive_desc_destroy(kernel.pd)
         if getattr(self, "_layout_pd", None) is not None:
             lib.dnnl_primitive_desc_destroy(self._layout_pd)
+
+
+class _SoftmaxKernel:
+    """The softmax primitive over the last axis of a ``[rows, cols]`` float32 tensor, in place."""
+
+    def __init__(self, api: _API, rows: int, cols: int) -> None:
+        lib = api.lib
+        md = api.plain((rows, cols))
+        try:
+            self.pd = api.new(lib.dnnl_softmax_forward_primitive_desc_create, api.engine, _FORWARD_INFERENCE,
+                              _SOFTMAX_ACCURATE, md, md, 1, None)
+            self.primitive = api.new(lib.dnnl_primitive_create, self.pd)
+            self.memory = api.new(lib.dnnl_memory_create, md, api.engine, None)
+        finally:
+            lib.dnnl_memory_desc_destroy(md)
+        # in place: the same memory object is the source and the destination
+        self.args = (_ExecArg * 2)(_ExecArg(_ARG_SRC, self.memory), _ExecArg(_ARG_DST, self.memory))
+        self._lib = lib
+
+    def __del__(self) -> None:
+        lib = getattr(self, "_lib", None)
+        if lib is not None:
+            lib.dnnl_memory_destroy(self.memory)
+            lib.dnnl_primitive_destroy(self.primitive)
+            lib.dnnl_primitive_desc_destroy(self.pd)
+
+
+_softmax_kernels: "collections.OrderedDict[Tuple[int, int], _SoftmaxKernel]" = collections.OrderedDict()
+_softmax_lock = threading.Lock()
+
+
+def softmax_(x: paddle.Tensor) -> paddle.Tensor:
+    """Softmax over the last axis of ``x`` (contiguous float32 on the CPU, no gradient), in place;
+    returns ``x``. Raises :class:`OneDNNError` where oneDNN is not available."""
+    api = _api()
+    if api is None:
+        raise OneDNNError("Paddle's oneDNN library is not available")
+    cols = x.shape[-1]
+    rows = x.size // cols
+    with _softmax_lock:
+        kernel = _softmax_kernels.get((rows, cols))
+        if kernel is None:
+            kernel = _softmax_kernels[(rows, cols)] = _SoftmaxKernel(api, rows, cols)
+            if len(_softmax_kernels) > _SOFTMAX_KERNELS:
+                _softmax_kernels.popitem(last=False)
+        else:
+            _softmax_kernels.move_to_end((rows, cols))
+        api.lib.dnnl_memory_set_data_handle(kernel.memory, _P(x.data_ptr()))
+        api.execute(kernel.primitive, kernel.args)
+    return x

@@ -16,6 +16,7 @@ import paddle.nn as nn
 import paddle.nn.functional as F
 
 from .configuration import VisionConfig
+from .kernels import softmax_last
 
 __all__ = ["CLIPVisionTower", "build_vision_projector", "resize_position_table"]
 
@@ -81,7 +82,7 @@ class CLIPAttention(nn.Layer):
         q = (self.q_proj(x) * self.scale).reshape(shape).transpose([0, 2, 1, 3])
         k = self.k_proj(x).reshape(shape).transpose([0, 2, 1, 3])
         v = self.v_proj(x).reshape(shape).transpose([0, 2, 1, 3])
-        probs = F.softmax(paddle.matmul(q, k, transpose_y=True).astype("float32"), axis=-1).astype(v.dtype)
+        probs = softmax_last(paddle.matmul(q, k, transpose_y=True).astype("float32")).astype(v.dtype)
         out = paddle.matmul(probs, v).transpose([0, 2, 1, 3]).reshape([n, t, d])
         return self.out_proj(out)
 
