@@ -131,7 +131,7 @@ def softmax_last(x: paddle.Tensor) -> paddle.Tensor:
     the ViT) goes to oneDNN's kernel, *in place* (pass a temporary), 2–7× faster than Paddle's
     (``onednn.py``); everything else to Paddle's. The choice depends on the tensor alone, so the
     fused decode step and the layers, which both call this, take the same kernel."""
-    if (x.size >= SOFTMAX_MIN_ELEMENTS and x.dtype == paddle.float32 and paddle.in_dynamic_mode()
+    if (math.prod(x.shape) >= SOFTMAX_MIN_ELEMENTS and x.dtype == paddle.float32 and paddle.in_dynamic_mode()
             and (x.stop_gradient or not paddle.is_grad_enabled()) and x.place.is_cpu_place()
             and x.is_contiguous() and onednn.available()):
         return onednn.softmax_(x)

@@ -30,6 +30,7 @@ import ctypes
 import functools
 import glob
 import logging
+import math
 import os
 import threading
 from typing import Dict, Optional, Tuple
@@ -234,7 +235,7 @@ class PackedWeight:
         """``x @ weight`` for ``x`` ``[..., k]`` float32 with at most ``max_rows`` rows, into ``out``
         (``[..., n]`` float32, overwritten) or a new tensor."""
         lead = x.shape[:-1]
-        rows = int(np.prod(lead)) if lead else 1
+        rows = math.prod(lead)
         if not x.is_contiguous():
             x = x.contiguous()
         if out is None:
@@ -298,7 +299,7 @@ def softmax_(x: paddle.Tensor) -> paddle.Tensor:
     if api is None:
         raise OneDNNError("Paddle's oneDNN library is not available")
     cols = x.shape[-1]
-    rows = x.size // cols
+    rows = math.prod(x.shape) // cols
     with _softmax_lock:
         kernel = _softmax_kernels.get((rows, cols))
         if kernel is None:
