@@ -1,5 +1,5 @@
-"""Runs on a CPU without AVX-512: the golden chat and a training step in a child process on an
-emulated AVX2-only CPU (``qemu-x86_64 -cpu EPYC-Milan``: AMD Zen 3, AVX2, no AVX-512), which
+"""Runs on a CPU without AVX-512: the golden chat (also on oneDNN's softmax and packed weights, JIT
+code chosen at run time) and a training step in a child process on an emulated AVX2-only CPU (``qemu-x86_64 -cpu EPYC-Milan``: AMD Zen 3, AVX2, no AVX-512), which
 executes real x86 code and kills the process on any instruction that CPU lacks.
 
 The emulator comes from Debian's ``qemu-user`` package (``.ci/run`` installs it). Without it
@@ -54,4 +54,5 @@ def test_chat_and_training_run_on_a_cpu_without_avx512(tiny_dir, golden, golden_
     assert probe["fused_kernels_on_cpu"] is False
     assert probe["image_ids"] == golden["gen_output_ids"].tolist()
     assert probe["text_ids"] == golden["gen_text_output_ids"].tolist()
+    assert probe["text_batched"] == probe["text_alone"] and probe["text_alone"]  # oneDNN's packed weights ran
     assert abs(probe["loss"] - float(golden["train_loss"])) < 1e-4
