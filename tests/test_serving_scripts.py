@@ -60,7 +60,7 @@ def started(args: List[str], ready_url: str) -> Iterator[subprocess.Popen]:
 def test_serve_py_answers_an_openai_client_and_logs_one_line_per_request(tiny_model_dir):
     port = free_port()
     args = [str(SCRIPTS / "serve.py"), "--from_pretrained", str(tiny_model_dir), "--host", "127.0.0.1",
-            "--port", str(port), "--model_name", "tiny", "--api-keys", "k1", "k2"]
+            "--port", str(port), "--model_name", "tiny", "--api-keys", "k1", "k2", "--cpu_weight_packing", "on"]
     for process in started(args, f"http://127.0.0.1:{port}/health"):
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k2", max_retries=0)
         reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "secret-words"}],
@@ -75,6 +75,7 @@ def test_serve_py_answers_an_openai_client_and_logs_one_line_per_request(tiny_mo
     assert len(lines) == 1 and f"{reply.usage.prompt_tokens} prompt + 5 completion tokens" in lines[0], err[-2000:]
     assert "refused (404 model_not_found)" in err
     assert "secret-words" not in err + out
+    assert "decode weights packed for batches of up to 8 rows" in err  # --cpu_weight_packing on reached the engine
 
 
 def test_web_demo_py_in_process_and_on_a_server(tiny_model_dir, tiny_dir):
