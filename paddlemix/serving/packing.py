@@ -16,6 +16,7 @@ from typing import Any, Optional, Tuple
 import paddle
 
 from paddlemix.models.internlm_xcomposer2 import onednn
+from paddlemix.models.internlm_xcomposer2.row_gemm import weight_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ def packing_decision(model: Any, max_batch_size: int, choice: str,
         return True, "on"
     if max_batch_size < 2:
         return False, "batches of one row (a single row already streams each weight once)"
-    needed = sum(w.shape[0] * w.shape[1] * w.element_size() for w in weights)
+    needed = sum(weight_bytes(w) for w in weights)
     free = available_memory() if free_bytes is None else free_bytes
     if free is not None and free < _HEADROOM * needed:
         return False, f"{needed / 2**30:.1f} GiB copy, {free / 2**30:.1f} GiB free"

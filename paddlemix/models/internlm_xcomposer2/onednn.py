@@ -134,12 +134,12 @@ class _API:
         self.check(create(ctypes.byref(handle), *args), create.__name__)
         return handle
 
-    def plain(self, dims: Tuple[int, ...], strides: Optional[Tuple[int, ...]] = None) -> _P:
-        """A float32 memory descriptor: row-major, ``any`` layout (``strides=()``) or strided."""
-        if strides is None:
-            return self.new(self.lib.dnnl_memory_desc_create_with_tag, len(dims), _DIMS(*dims), _F32, _TAG_AB)
-        if not strides:
-            return self.new(self.lib.dnnl_memory_desc_create_with_tag, len(dims), _DIMS(*dims), _F32, _TAG_ANY)
+    def plain(self, dims: Tuple[int, ...], tag: int = _TAG_AB) -> _P:
+        """A float32 memory descriptor: row-major, or ``tag=_TAG_ANY`` (the layout a primitive prefers)."""
+        return self.new(self.lib.dnnl_memory_desc_create_with_tag, len(dims), _DIMS(*dims), _F32, tag)
+
+    def strided(self, dims: Tuple[int, ...], strides: Tuple[int, ...]) -> _P:
+        """A float32 memory descriptor with explicit strides (elements)."""
         return self.new(self.lib.dnnl_memory_desc_create_with_strides, len(dims), _DIMS(*dims), _F32,
                         _DIMS(*strides))
 
@@ -197,8 +197,8 @@ class PackedWeight:
         self.k, self.n = weight.shape
         self._lock = threading.Lock()  # the kernels' memory objects are shared state
         # inner product weights are [n, k] (out, in); ours is [k, n] row-major: strides (1, n)
-        source_md = api.plain((self.n, self.k), (1, self.n))
-        wanted_md = api.plain((self.n, self.k), ())
+        source_md = api.strided((self.n, self.k), (1, self.n))
+        wanted_md = api.plain((self.n, self.k), _TAG_ANY)
         self._layout_pd = api.inner_product(pack_rows or max_rows, self.k, self.n, wanted_md)
         lib = api.lib
         lib.dnnl_memory_desc_destroy(wanted_md)

@@ -48,8 +48,8 @@ from .onednn import OneDNNError, PackedWeight
 logger = logging.getLogger(__name__)
 
 __all__ = ["ROW_GEMMS", "ENV", "MIN_WEIGHT_BYTES", "choose_row_gemm", "row_gemm", "set_row_gemm", "host_gemm_for",
-           "takes_host_gemm", "weight_view", "host_weight", "RowOutput", "row_matmul", "matmul", "pack_weights",
-           "unpack_weights", "packed_weight"]
+           "takes_host_gemm", "weight_view", "host_weight", "RowOutput", "row_matmul", "matmul", "weight_bytes",
+           "pack_weights", "unpack_weights", "packed_weight"]
 
 ROW_GEMMS = ("paddle", "numpy")
 ENV = "IXC2_ROW_GEMM"
@@ -96,6 +96,11 @@ def set_row_gemm(choice: Optional[str], min_weight_bytes: int = MIN_WEIGHT_BYTES
     _min_weight_bytes = min_weight_bytes
 
 
+def weight_bytes(weight: paddle.Tensor) -> int:
+    """The bytes of a 2-D weight."""
+    return weight.shape[0] * weight.shape[1] * weight.element_size()
+
+
 def pack_weights(weights: Iterable[paddle.Tensor], max_rows: int, min_bytes: int = MIN_WEIGHT_BYTES,
                  pack_rows: Optional[int] = None) -> int:
     """Pack each float32 CPU ``weight`` of at least ``min_bytes`` (smaller ones sit in the caches,
@@ -104,7 +109,7 @@ def pack_weights(weights: Iterable[paddle.Tensor], max_rows: int, min_bytes: int
     cannot take keeps its plain kernel (logged). Pack again after changing a weight."""
     total = 0
     for weight in weights:
-        if weight.shape[0] * weight.shape[1] * weight.element_size() < min_bytes:
+        if weight_bytes(weight) < min_bytes:
             continue
         try:
             packed = PackedWeight(weight, max_rows, pack_rows)
@@ -141,7 +146,7 @@ def host_gemm_for(rows: int, dtype: paddle.dtype, weight: paddle.Tensor) -> bool
     if dtype == paddle.float32 and _packed_for(rows, weight) is not None:
         return True
     return (rows == 1 and dtype == paddle.float32 and weight.dtype == paddle.float32 and weight.ndim == 2
-            and weight.shape[0] * weight.shape[1] * weight.element_size() >= _min_weight_bytes
+            and weight_bytes(weight) >= _min_weight_bytes
             and weight.place.is_cpu_place()
             and row_gemm() == "numpy")
 
