@@ -164,3 +164,51 @@ def test_the_onednn_softmax_equals_paddles_in_place_and_only_without_a_graph(mon
     assert out is not trainable and not out.stop_gradient  # autograd's kernel keeps the graph
     out.sum().backward()
     assert trainable.grad is not None
+
+
+@pytest.mark.parametrize("rows, cols", [(3, 5), (700, 1024), (1024, 2816), (1, 300)])
+def test_transpose_into_gives_the_exact_transpose(rows, cols):
+    source = np.random.default_rng(rows).standard_normal((rows, cols), dtype=np.float32)
+    target = np.full((cols, rows), np.nan, dtype=np.float32)
+    onednn.transpose_into(target, source)
+    assert np.array_equal(target, source.T)
+
+
+def test_transpose_into_a_column_block_of_a_larger_array_leaves_the_rest():
+    """The checkpoint loader transposes a file's row blocks into column blocks of the parameter."""
+    source = np.random.default_rng(0).standard_normal((300, 64), dtype=np.float32)
+    whole = np.zeros((64, 1000), dtype=np.float32)
+    onednn.transpose_into(whole[:, 100:400], source)
+    assert np.array_equal(whole[:, 100:400], source.T)
+    assert not whole[:, :100].any() and not whole[:, 400:].any()
+
+
+@pytest.mark.parametrize("source, target", [
+    (np.zeros((4, 6), np.float64), np.zeros((6, 4), np.float64)),  # only float32
+    (np.zeros((4, 6), np.float32), np.zeros((4, 6), np.float32)),  # not the transposed shape
+    (np.zeros((4, 6), np.float32), np.zeros((6, 4), np.float32)[::-1]),  # negative stride
+])
+def test_transpose_into_refuses_what_it_cannot_do(source, target):
+    with pytest.raises(OneDNNError):
+        onednn.transpose_into(target, source)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, "bfloat16"])
+def test_the_loaders_transpose_is_exact_on_either_path(dtype, monkeypatch):
+    """float32 goes to oneDNN, bfloat16 (its oneDNN reorder is the slow reference one) to tiles."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import ml_dtypes
+
+    from paddlemix.models.internlm_xcomposer2.checkpoint import _transpose_into
+
+    np_dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
+    source = np.random.default_rng(1).standard_normal((513, 300)).astype(np_dtype)
+    target = np.zeros((300, 513), dtype=np_dtype)
+    calls = []
+    original = onednn.transpose_into
+    monkeypatch.setattr(onednn, "transpose_into", lambda *a: calls.append(1) or original(*a))
+    with ThreadPoolExecutor(2) as pool:
+        _transpose_into(target, source, pool)
+    assert calls == ([1] if dtype == np.float32 else [])
+    assert np.array_equal(target.view(np.uint8), np.ascontiguousarray(source.T).view(np.uint8))

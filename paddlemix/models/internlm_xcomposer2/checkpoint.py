@@ -21,6 +21,7 @@ import numpy as np
 import paddle
 from paddlenlp.transformers.model_utils import dtype_guard, no_init_weights
 
+from . import onednn
 from .configuration import InternLMXComposer2Config
 from .files import CONFIG_NAME, INDEX_SUFFIX, SAFE_WEIGHTS_NAME, WEIGHT_FILE_NAMES
 from .conversion import OPTIONAL_KEYS, VIT, convert_shapes, from_model_name, is_linear_weight
@@ -165,9 +166,16 @@ def _fill(view: np.ndarray, blocks, transpose: bool, pool: ThreadPoolExecutor) -
 
 
 def _transpose_into(dst: np.ndarray, src: np.ndarray, pool: ThreadPoolExecutor) -> None:
-    """``dst[...] = src.T`` tile by tile, row bands in parallel (numpy copies release the GIL):
+    """``dst[...] = src.T``: float32 by oneDNN's reorder where it can (2–3× faster, see
+    :mod:`.onednn`), else tile by tile, row bands in parallel (numpy copies release the GIL):
     numpy's strided copy of a large transpose misses the cache on every element (7x slower
     on a 92544x1024 table than cache-sized tiles)."""
+    if src.dtype == np.float32 and onednn.available():
+        try:
+            onednn.transpose_into(dst, src)
+            return
+        except onednn.OneDNNError as err:
+            logger.debug("oneDNN cannot transpose %s into %s (%s): tiled copy", src.shape, dst.shape, err)
     rows, cols = src.shape
 
     def band(start: int, stop: int) -> None:

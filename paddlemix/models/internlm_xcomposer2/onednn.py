@@ -1,4 +1,5 @@
-"""oneDNN kernels Paddle's CPU ops lack: a weight packed once for a few rows, and a fast softmax.
+"""oneDNN kernels Paddle's CPU ops lack: a weight packed once for a few rows, a fast softmax and
+a fast transpose.
 
 **Packed weights** (:class:`PackedWeight`): batched decoding on a CPU.
 
@@ -22,6 +23,12 @@ batch does not change any one's logits.
 element (it varies with the state of the OpenMP threads; measured on AMD EPYC Zen 3 and Intel
 Xeon): 4–17 ms for the attention scores of one 405-token prefill layer (16 heads), against
 2.3 ms for oneDNN's vectorised kernel on the same 2 threads.
+
+**Transpose** (:func:`transpose_into`): loading a Hugging Face checkpoint turns every torch
+``[out, in]`` linear weight into Paddle's ``[in, out]``. oneDNN's JIT reorder does that at
+3–3.7 GB/s on 2 threads against 1.2–1.8 GB/s for NumPy copies of cache-sized tiles (AMD EPYC
+Zen 3: 2816×1024 3.7 against 9.8 ms, the 92544×1024 table 103 against 210 ms). float32 only:
+for bfloat16 this oneDNN has only its reference reorder (``simple:any``), 30× slower than NumPy.
 """
 from __future__ import annotations
 
@@ -40,7 +47,7 @@ import paddle
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["OneDNNError", "available", "PackedWeight", "softmax_"]
+__all__ = ["OneDNNError", "available", "PackedWeight", "softmax_", "transpose_into"]
 
 # oneDNN C API constants (oneapi/dnnl/dnnl_types.h, v3)
 _CPU_ENGINE = 1
@@ -123,6 +130,7 @@ class _API:
         lib.dnnl_memory_desc_get_size.restype = ctypes.c_size_t
         self.engine = self.new(lib.dnnl_engine_create, _CPU_ENGINE, 0)
         self.stream = self.new(lib.dnnl_stream_create, self.engine, _IN_ORDER_STREAM)
+        self._stream_lock = threading.Lock()  # a oneDNN stream is not thread-safe
 
     @staticmethod
     def check(status: int, what: str) -> None:
@@ -158,8 +166,27 @@ class _API:
         return (text.value or b"").decode()
 
     def execute(self, primitive: _P, args: ctypes.Array) -> None:
-        self.check(self.lib.dnnl_primitive_execute(primitive, self.stream, len(args), args), "execute")
-        self.check(self.lib.dnnl_stream_wait(self.stream), "stream wait")
+        with self._stream_lock:
+            self.check(self.lib.dnnl_primitive_execute(primitive, self.stream, len(args), args), "execute")
+            self.check(self.lib.dnnl_stream_wait(self.stream), "stream wait")
+
+    def reorder(self, source_md: _P, source: int, target_md: _P, target: int) -> None:
+        """Copy the memory at address ``source`` (layout ``source_md``) to ``target`` (``target_md``)."""
+        lib = self.lib
+        pd = self.new(lib.dnnl_reorder_primitive_desc_create, source_md, self.engine, target_md, self.engine, None)
+        handles = []
+        try:
+            primitive = self.new(lib.dnnl_primitive_create, pd)
+            handles = [self.new(lib.dnnl_memory_create, md, self.engine, _P(address))
+                       for md, address in ((source_md, source), (target_md, target))]
+            try:
+                self.execute(primitive, (_ExecArg * 2)(_ExecArg(_ARG_SRC, handles[0]), _ExecArg(_ARG_DST, handles[1])))
+            finally:
+                lib.dnnl_primitive_destroy(primitive)
+        finally:
+            for handle in handles:
+                lib.dnnl_memory_destroy(handle)
+            lib.dnnl_primitive_desc_destroy(pd)
 
 
 class _RowsKernel:
@@ -206,18 +233,9 @@ class PackedWeight:
         self.nbytes = int(lib.dnnl_memory_desc_get_size(self._weights_md))
         self._buffer = np.empty(self.nbytes + _ALIGN, dtype=np.uint8)
         self._address = self._buffer.ctypes.data + (-self._buffer.ctypes.data) % _ALIGN
-        reorder_pd = api.new(lib.dnnl_reorder_primitive_desc_create, source_md, api.engine, self._weights_md,
-                             api.engine, None)
         try:
-            reorder = api.new(lib.dnnl_primitive_create, reorder_pd)
-            source = api.new(lib.dnnl_memory_create, source_md, api.engine, _P(weight.data_ptr()))
-            target = api.new(lib.dnnl_memory_create, self._weights_md, api.engine, _P(self._address))
-            api.execute(reorder, (_ExecArg * 2)(_ExecArg(_ARG_SRC, source), _ExecArg(_ARG_DST, target)))
-            for handle in (source, target):
-                lib.dnnl_memory_destroy(handle)
-            lib.dnnl_primitive_destroy(reorder)
+            api.reorder(source_md, weight.data_ptr(), self._weights_md, self._address)
         finally:
-            lib.dnnl_primitive_desc_destroy(reorder_pd)
             lib.dnnl_memory_desc_destroy(source_md)
         self._kernels: Dict[int, _RowsKernel] = {}
 
@@ -311,3 +329,27 @@ def softmax_(x: paddle.Tensor) -> paddle.Tensor:
         api.lib.dnnl_memory_set_data_handle(kernel.memory, _P(x.data_ptr()))
         api.execute(kernel.primitive, kernel.args)
     return x
+
+
+def transpose_into(target: np.ndarray, source: np.ndarray) -> None:
+    """``target[...] = source.T`` for 2-D float32 arrays of any positive strides (e.g. ``target`` a
+    column block of a larger array), by oneDNN's reorder. Raises :class:`OneDNNError` where oneDNN
+    is not available or cannot take the arrays (the caller copies another way)."""
+    api = _api()
+    if api is None:
+        raise OneDNNError("Paddle's oneDNN library is not available")
+    if source.ndim != 2 or target.shape != source.shape[::-1]:
+        raise OneDNNError(f"cannot transpose {source.shape} into {target.shape}")
+    if source.dtype != np.float32 or target.dtype != np.float32:
+        raise OneDNNError(f"only float32 is transposed by oneDNN, got {source.dtype} into {target.dtype}")
+    strides = [s // source.itemsize for s in (*source.strides, *target.strides)]
+    if any(s <= 0 or s * source.itemsize != b for s, b in zip(strides, (*source.strides, *target.strides))):
+        raise OneDNNError(f"strides {source.strides} / {target.strides} are not positive whole elements")
+    # both described as the source's [rows, cols]: the target's element (i, j) sits at j*stride0 + i*stride1
+    source_md = api.strided(source.shape, (strides[0], strides[1]))
+    target_md = api.strided(source.shape, (strides[3], strides[2]))
+    try:
+        api.reorder(source_md, source.ctypes.data, target_md, target.ctypes.data)
+    finally:
+        api.lib.dnnl_memory_desc_destroy(source_md)
+        api.lib.dnnl_memory_desc_destroy(target_md)
