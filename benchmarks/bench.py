@@ -64,9 +64,12 @@ if MKL_DEFAULT:
     os.environ["IXC2_CPU_TUNING"] = "0"
 PLAIN_KERNELS = "--plain-kernels" in sys.argv  # the kernels an AVX2-only CPU takes, on this CPU
 
-from paddlemix.cpu_env import configure_cpu_environment, cpu_info  # noqa: E402  (no Paddle import)
+from paddlemix import cpu_env  # noqa: E402  (no Paddle import)
+from paddlemix.cpu_env import configure_allocator, configure_cpu_environment, cpu_info  # noqa: E402
 
 configure_cpu_environment()  # as every entry point does, before Paddle loads
+if "train-step" in sys.argv:
+    configure_allocator()  # as the training entry points do (paddlemix/cpu_env.py)
 
 import warnings  # noqa: E402
 
@@ -315,6 +318,7 @@ def machine_info() -> Dict[str, Any]:
                                    if line.startswith(("CPU family", "Model:"))],
         "mkl_debug_cpu_type": os.environ.get("MKL_DEBUG_CPU_TYPE"),
         "kmp_blocktime": os.environ.get("KMP_BLOCKTIME"),
+        "malloc_keeps_freed_memory": "allocator" in cpu_env.applied,
         "row_gemm": row_gemm(),
         "fused_cpu_kernels": fused_kernels_on_cpu(),
         "cores": os.cpu_count(),

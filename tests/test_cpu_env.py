@@ -81,3 +81,60 @@ def test_a_greedy_chat_runs_under_the_chosen_setting(tiny_model_dir):
                            env={**env, "IXC2_CPU_TUNING": "0"}, timeout=120)
     assert tuned.returncode == 0 and plain.returncode == 0, (tuned.returncode, tuned.stderr[-1500:])
     assert tuned.stdout == plain.stdout
+
+
+class _FakeLibc:
+    def __init__(self, result: int = 1) -> None:
+        self.calls, self.result = [], result
+
+    def mallopt(self, param: int, value: int) -> int:
+        self.calls.append((param, value))
+        return self.result
+
+
+def test_the_allocator_setting_leaves_a_users_own_alone(monkeypatch):
+    monkeypatch.setattr(cpu_env, "applied", {})
+    libc = _FakeLibc()
+    assert cpu_env.configure_allocator({}, libc)
+    assert libc.calls == [(cpu_env.M_MMAP_MAX, 0), (cpu_env.M_TRIM_THRESHOLD, cpu_env.KEPT_FREE_BYTES)]
+    assert "malloc keeps freed memory" in cpu_env.describe_applied()
+    for env in ({"IXC2_CPU_TUNING": "0"}, {"MALLOC_MMAP_MAX_": "65536"}, {"MALLOC_TRIM_THRESHOLD_": "0"},
+                {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}):
+        libc = _FakeLibc()
+        assert not cpu_env.configure_allocator(env, libc) and libc.calls == []
+    assert not cpu_env.configure_allocator({}, _FakeLibc(result=0))  # refused by the C library
+    assert not cpu_env.configure_allocator({}, object())  # no mallopt (not glibc)
+
+
+# 64 MiB through glibc's malloc, written, freed, and again: the page faults of the second time
+_REFAULTS = """
+import ctypes, resource
+from paddlemix import cpu_env
+print(cpu_env.configure_allocator())
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
+def touch(n=1 << 26):
+    block = libc.malloc(n)
+    ctypes.memset(block, 1, n)
+    libc.free(block)
+touch()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+touch()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(cpu_env._glibc() is None, reason="the allocator setting is glibc's")
+@pytest.mark.parametrize("opt_out", [False, True])
+def test_a_freed_large_block_is_reused_without_faulting_its_pages_in_again(opt_out):
+    """64 MiB allocated, freed and allocated again: by default glibc unmaps it and the second one
+    faults its 16384 pages in again; with the setting the memory is reused."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "IXC2_CPU_TUNING"}
+    if opt_out:
+        env["IXC2_CPU_TUNING"] = "0"
+    result = subprocess.run([sys.executable, "-c", _REFAULTS], capture_output=True, text=True, env=env, timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    done, faults = result.stdout.split()
+    assert done == str(not opt_out)
+    pages = (1 << 26) // 4096
+    assert (int(faults) > pages // 2) if opt_out else (int(faults) < pages // 10), faults

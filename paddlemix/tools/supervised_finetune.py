@@ -18,10 +18,12 @@ import sys
 from typing import List, Optional
 
 from paddlemix.cli_utils import run_cli, setup_logging
+from paddlemix.cpu_env import configure_allocator
 
 
 @run_cli
 def main(argv: Optional[List[str]] = None) -> None:
+    configure_allocator()  # training re-allocates its large tensors every step (see paddlemix/cpu_env.py)
     argv = list(sys.argv[1:] if argv is None else argv)
     verbose = "-v" in argv or "--verbose" in argv
     argv = [a for a in argv if a not in ("-v", "--verbose")]

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from paddlemix.cli_utils import add_logging_args, quiet_native_stderr, run_cli, setup_logging
+from paddlemix.cpu_env import configure_allocator
 from paddlemix.examples.internlm_xcomposer2 import shapes_data  # absolute: the file also runs by path
 
 DEFAULT_OUTPUT_DIR = "./ixc2_quickstart"
@@ -260,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 @run_cli
 def main(argv: Optional[List[str]] = None) -> int:
+    configure_allocator()  # it trains: see paddlemix/cpu_env.py
     argv = list(sys.argv[1:] if argv is None else argv)
     split = argv.index("--") if "--" in argv else len(argv)
     args = build_parser().parse_args(argv[:split])
