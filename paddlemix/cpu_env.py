@@ -32,7 +32,7 @@ serving and the other CLIs do not take it.
 
 The user's own environment wins: a variable already set (to anything; for the allocator any
 ``MALLOC_*_`` variable or a ``glibc.malloc`` tunable) is left as it is, and ``IXC2_CPU_TUNING=0``
-turns all of this off. Intel CPUs get nothing (MKL already picks their
+turns all of this off. Intel CPUs get no MKL setting (MKL already picks their
 best path); a flag the CPU does not report is never asked for (forcing AVX-512 code on an AVX2
 CPU would crash it).
 """

@@ -174,12 +174,12 @@ class _API:
         """Copy the memory at address ``source`` (layout ``source_md``) to ``target`` (``target_md``)."""
         lib = self.lib
         pd = self.new(lib.dnnl_reorder_primitive_desc_create, source_md, self.engine, target_md, self.engine, None)
-        handles = []
+        handles: list = []
         try:
             primitive = self.new(lib.dnnl_primitive_create, pd)
-            handles = [self.new(lib.dnnl_memory_create, md, self.engine, _P(address))
-                       for md, address in ((source_md, source), (target_md, target))]
             try:
+                for md, address in ((source_md, source), (target_md, target)):
+                    handles.append(self.new(lib.dnnl_memory_create, md, self.engine, _P(address)))
                 self.execute(primitive, (_ExecArg * 2)(_ExecArg(_ARG_SRC, handles[0]), _ExecArg(_ARG_DST, handles[1])))
             finally:
                 lib.dnnl_primitive_destroy(primitive)
