@@ -56,3 +56,6 @@ def test_chat_and_training_run_on_a_cpu_without_avx512(tiny_dir, golden, golden_
     assert probe["text_ids"] == golden["gen_text_output_ids"].tolist()
     assert probe["text_batched"] == probe["text_alone"] and probe["text_alone"]  # oneDNN's packed weights ran
     assert abs(probe["loss"] - float(golden["train_loss"])) < 1e-4
+    # the dropout ran (0.05 on the image rows' LoRA branch moves the loss a little, not far)
+    assert probe["dropout"] > 0 and probe["loss_with_dropout"] != probe["loss"]
+    assert abs(probe["loss_with_dropout"] - probe["loss"]) < 0.1
